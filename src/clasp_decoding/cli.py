@@ -1,0 +1,189 @@
+"""The ``clasp`` command: ``generate``, ``models``, ``bench`` and ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from .config import METHODS, GenerationConfig
+from .errors import ClaspError
+from .models import BUILTIN_MODELS, DEFAULT_MODEL
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"built-in name ({', '.join(BUILTIN_MODELS)}), hub id, local folder or .gguf file "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware is fast at it, else fp32), bf16, fp32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    d = GenerationConfig()
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=d.max_new_tokens)
+    g.add_argument("--temperature", "-t", type=float, default=d.temperature, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--top-k", type=int, default=d.top_k)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    c = p.add_argument_group("CLaSp")
+    c.add_argument("--method", choices=METHODS, default=d.method)
+    c.add_argument("--skip-ratio", type=float, default=d.skip_ratio, help="fraction of layers the draft skips")
+    c.add_argument("--num-skip", type=int, default=None, help="number of layers the draft skips (overrides --skip-ratio)")
+    c.add_argument("--skip-layers", default=None, help="fixed skip set for --method static, e.g. 3,5,7")
+    c.add_argument("--det", type=float, default=d.draft_exit_threshold, help="draft-exiting threshold")
+    c.add_argument("--max-draft", type=int, default=d.max_draft_tokens, help="maximum draft length per round")
+    c.add_argument("--loi", type=int, default=d.layer_opt_interval, help="layer optimization interval (rounds)")
+    c.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="draft head vocabulary size (0 = full)")
+    c.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=d.adaptive,
+                   help="cost-aware control of drafting")
+
+
+def config_from_args(a: argparse.Namespace) -> GenerationConfig:
+    skip_layers = None
+    if a.skip_layers:
+        try:
+            skip_layers = tuple(int(x) for x in a.skip_layers.split(",") if x.strip())
+        except ValueError:
+            raise ClaspError(f"--skip-layers must be comma-separated integers, got {a.skip_layers!r}.") from None
+    return GenerationConfig(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+        stop=tuple(a.stop),
+        method=a.method,
+        skip_ratio=a.skip_ratio,
+        num_skip=a.num_skip,
+        skip_layers=skip_layers,
+        draft_exit_threshold=a.det,
+        max_draft_tokens=a.max_draft,
+        layer_opt_interval=a.loi,
+        draft_vocab=a.draft_vocab,
+        adaptive=a.adaptive,
+    )
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .api import eos_ids_of, generate
+    from .baselines import hf_generate
+    from .models import load
+    from .text import encode_prompt
+
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    config = config_from_args(a)
+    model, tokenizer = load(a.model, dtype=a.dtype, device=a.device, quiet=a.json)
+    prompt_ids = encode_prompt(tokenizer, prompt, raw=a.raw)
+    config.validate(model.config.num_hidden_layers)
+    if a.compare:  # warm both paths up so neither pays first-call costs in the timed runs
+        short = config.updated(max_new_tokens=min(4, config.max_new_tokens), stop=())
+        generate(model, tokenizer, prompt_ids, short)
+        hf_generate(model, tokenizer, prompt_ids, short, eos_ids_of(model, tokenizer))
+    show = None if a.json else (lambda piece: print(piece, end="", flush=True))
+    result = generate(model, tokenizer, prompt_ids, config, callback=show)
+    st = result.stats
+    out = {
+        "model": a.model,
+        "method": config.method,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "new_tokens": st.new_tokens,
+        "mean_accepted_tokens": round(st.mean_accepted_tokens, 4),
+        "acceptance_rate": round(st.acceptance_rate, 4),
+        "tokens_per_second": round(st.tokens_per_second, 4),
+        "stats": st.to_dict(),
+    }
+    if a.compare:
+        base_ids, seconds = hf_generate(model, tokenizer, prompt_ids, config, eos_ids_of(model, tokenizer))
+        base_tps = len(base_ids) / seconds if seconds > 0 else 0.0
+        greedy = config.temperature == 0
+        out.update(
+            baseline="transformers generate",
+            baseline_tokens_per_second=round(base_tps, 4),
+            speedup=round(st.tokens_per_second / base_tps, 4) if base_tps else None,
+            identical=(base_ids == result.token_ids) if greedy else None,
+        )
+    if a.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    print()
+    t = st.to_dict()["time"]
+    print(
+        f"\n[{config.method}] {st.new_tokens} tokens in {st.time_total:.2f} s = {st.tokens_per_second:.2f} tok/s; "
+        f"mean accepted tokens {st.mean_accepted_tokens:.2f}; draft acceptance {st.acceptance_rate:.0%}; "
+        f"time: draft {t['draft']:.2f} s, verify {t['verify']:.2f} s, layer selection {t['layer_selection']:.2f} s, "
+        f"prefill {t['prefill']:.2f} s, other {t['other']:.2f} s",
+        file=sys.stderr,
+    )
+    if st.skip_sets:
+        print(f"skip sets chosen: {len(st.skip_sets)}; last: {list(st.skip_sets[-1][1])}", file=sys.stderr)
+    if a.compare:
+        same = out["identical"]
+        verdict = "n/a (sampling)" if same is None else ("identical" if same else "DIFFERENT")
+        print(
+            f"plain decoding (transformers generate): {out['baseline_tokens_per_second']:.2f} tok/s; "
+            f"speedup {out['speedup']:.2f}x; outputs {verdict}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .models import cache_dir, folder_size_mb, is_cached
+
+    print(f"cache: {cache_dir()}")
+    for name, spec in BUILTIN_MODELS.items():
+        cached = is_cached(name)
+        size = f"{folder_size_mb(spec.folder):.0f} MB on disk" if cached else "not fetched"
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"  {name:20s} {spec.arch:7s} {spec.layers:3d} layers  download {spec.download_mb:5d} MB  {size}{mark}")
+        print(f"  {'':20s} {spec.title}")
+    if a.fetch:
+        from .models import fetch_builtin
+
+        for name in a.fetch:
+            t0 = time.perf_counter()
+            print(f"{name}: {fetch_builtin(name)} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clasp", description="CLaSp: lossless layer-skip self-speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with CLaSp (streams, then prints statistics)")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (read from stdin when absent)")
+    add_model_args(g)
+    add_generation_args(g)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--compare", action="store_true", help="also run plain decoding (transformers generate) and compare")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list the built-in models and what is cached")
+    m.add_argument("--fetch", nargs="*", choices=list(BUILTIN_MODELS), help="fetch these built-in models now")
+    m.set_defaults(func=cmd_models)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ClaspError as e:
+        print(f"clasp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clasp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

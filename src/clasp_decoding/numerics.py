@@ -1,0 +1,189 @@
+"""Row-exact numerics: a verification over ``q`` tokens computes, for each token, the very bits that
+plain decoding computes one token at a time.
+
+Why: greedy speculative decoding is lossless only if the verifier's logits at every position equal plain
+decoding's. Floating point makes that a property of kernels, not of maths: a reduction done in another
+order rounds differently, and near-ties between the two best tokens then flip. Two places differ here:
+
+- **Attention.** ``scaled_dot_product_attention`` over ``q`` masked queries does not give the bits of
+  ``q`` single-query calls over a growing cache. During a verification each query row is therefore
+  attended on its own, through the model's own attention function, over exactly the keys before it
+  (:func:`install_attention`). Projections and MLPs stay batched: they are where the weights are read.
+- **Linear layers.** On the CPU, a bf16 matrix product with one row takes a different kernel (a
+  matrix-vector product that sums in another order when the inner dimension is large) than one with two
+  or more rows; with two or more, each row's result does not depend on the number of rows. So a linear
+  layer is never run on a single row: it gets a duplicate row and keeps the first output
+  (:func:`install_linear_padding`). A probe at install time checks this property on the actual
+  hardware, dtype and shapes, and says so when it does not hold.
+
+Both are installed on the model itself, so ``transformers``' own ``generate`` on the same model computes
+with the same numerics and is the exact reference. They do not change what is computed, only which
+kernel computes it. Calls that do not come from the runner carry no ``clasp_rows`` argument and reach
+the model's original attention function unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+WRAPPABLE = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How the runner wants a call attended. ``start`` is the first query's slot (= its position).
+
+    ``mode`` is ``"causal"`` (queries at consecutive positions from ``start``, each seeing every slot up
+    to its own: one causal call for a prefill from slot 0, row by row otherwise) or ``"masked"`` (the
+    given mask as is: the DP's candidates, whose bits need not match anything).
+    """
+
+    start: int
+    mode: str = "causal"
+    sliding: bool = False
+
+
+@dataclass(frozen=True)
+class NumericsReport:
+    """What :func:`install` could guarantee for a model."""
+
+    attention_rowwise: bool
+    linear_mode: str  # "invariant" (nothing needed), "padded" (single rows padded) or "inexact"
+
+    @property
+    def exact(self) -> bool:
+        return self.attention_rowwise and self.linear_mode != "inexact"
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _inner_function(name: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        return ALL_ATTENTION_FUNCTIONS.get("eager", eager_attention_forward)
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _make_backend(inner_name: str):
+    def clasp_attention(module, query, key, value, attention_mask, *args, clasp_rows: RowPlan | None = None, **kwargs):
+        inner = _inner_function(inner_name)
+        q = query.shape[2]
+        if clasp_rows is None or clasp_rows.mode == "masked" or q == 1:
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        if clasp_rows.start == 0 and not clasp_rows.sliding and inner_name == "sdpa":
+            # A prefill from slot 0: one causal call, as transformers' own prefill makes it.
+            return inner(module, query, key[:, :, :q], value[:, :, :q], None, *args, **kwargs)
+        outs = []
+        for i in range(q):
+            end = clasp_rows.start + i + 1
+            row_mask = None
+            if attention_mask is not None and (clasp_rows.sliding or inner_name == "eager"):
+                row_mask = attention_mask[:, :, i : i + 1, :end]
+            out, _ = inner(module, query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], row_mask, *args, **kwargs)
+            outs.append(out)
+        return torch.cat(outs, dim=1), None
+
+    clasp_attention.__name__ = f"clasp_{inner_name}"
+    return clasp_attention
+
+
+def install_attention(model) -> bool:
+    """Switch ``model`` to the row-exact backend that wraps its current one; ``False`` for backends it
+    cannot wrap (flash attention and the like), which then run unchanged."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    current = model.config._attn_implementation or "eager"
+    if current.startswith("clasp_"):
+        return True
+    if current not in WRAPPABLE:
+        return False
+    name = f"clasp_{current}"
+    AttentionInterface.register(name, _make_backend(current))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    model.set_attn_implementation(name)
+    return model.config._attn_implementation == name
+
+
+# ----------------------------------------------------------------------------- linear layers
+
+
+def _single_row(x: torch.Tensor) -> bool:
+    return x.dim() >= 2 and x.numel() == x.shape[-1]
+
+
+def _pad_pre_hook(module, args):
+    x = args[0]
+    if _single_row(x):
+        padded = torch.cat([x, x], dim=-2)
+        padded._clasp_padded = True  # tells the forward hook to keep the first row
+        return (padded, *args[1:])
+    return None
+
+
+def _unpad_hook(module, args, output):
+    if getattr(args[0], "_clasp_padded", False):
+        return output[..., :1, :]
+    return None
+
+
+def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 16, seed: int = 0) -> str:
+    """Whether a linear layer's rows are batch-invariant as is (``"invariant"``), when never run on a
+    single row (``"padded"``), or neither (``"inexact"``), on this weight's device and dtype. Rounding
+    differences are rare per element, so the probe compares many rows and several batch sizes."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(rows, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+    f = torch.nn.functional.linear
+    with torch.inference_mode():
+        batched = f(x, weight, bias)
+        prefixes = all(torch.equal(f(x[:m], weight, bias), batched[:m]) for m in (2, 3, 5, 9) if m < rows)
+        if not prefixes:
+            return "inexact"
+        if all(torch.equal(f(x[i : i + 1].clone(), weight, bias)[0], batched[i]) for i in range(rows)):
+            return "invariant"
+        if all(torch.equal(f(x[[i, i]], weight, bias)[0], batched[i]) for i in range(rows)):
+            return "padded"
+    return "inexact"
+
+
+def install_linear_padding(model) -> str:
+    """Probe every distinct linear shape of the model; pad single rows where that makes rows invariant.
+    Returns the model's overall mode: ``"invariant"``, ``"padded"`` or ``"inexact"``."""
+    if getattr(model, "_clasp_linear_mode", None):
+        return model._clasp_linear_mode
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    verdicts: dict[tuple, str] = {}
+    for m in linears:
+        key = (tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)
+        if key not in verdicts:
+            verdicts[key] = probe_linear(m.weight, m.bias)
+    for m in linears:
+        if verdicts[(tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)] == "padded":
+            m.register_forward_pre_hook(_pad_pre_hook)
+            m.register_forward_hook(_unpad_hook)
+    modes = set(verdicts.values())
+    mode = "inexact" if "inexact" in modes else ("padded" if "padded" in modes else "invariant")
+    model._clasp_linear_mode = mode
+    return mode
+
+
+def install(model) -> NumericsReport:
+    """Install both; warn once if greedy exactness cannot be guaranteed on this hardware."""
+    report = NumericsReport(install_attention(model), install_linear_padding(model))
+    if not report.exact and not getattr(model, "_clasp_warned", False):
+        model._clasp_warned = True
+        warnings.warn(
+            "On this device/dtype, batched verification cannot be made bit-identical to one-token decoding "
+            f"(attention row-exact: {report.attention_rowwise}, linear layers: {report.linear_mode}); greedy "
+            "output equals plain decoding's except where two tokens tie to within rounding.",
+            stacklevel=3,
+        )
+    return report

@@ -1,0 +1,103 @@
+"""Text around the token loop: prompts and chat templates, incremental detokenization, stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import InputError
+
+Prompt = str | Sequence[dict] | Sequence[int]
+
+
+def encode_prompt(tokenizer, prompt: Prompt, *, raw: bool = False) -> list[int]:
+    """Token ids for a prompt: a string (wrapped in the chat template when the tokenizer has one and
+    ``raw`` is false), a list of chat messages, or token ids as they are."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("The prompt is empty.")
+        if raw or not getattr(tokenizer, "chat_template", None):
+            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return _apply_chat(tokenizer, [{"role": "user", "content": prompt}])
+    prompt = list(prompt)
+    if not prompt:
+        raise InputError("The prompt is empty.")
+    if all(isinstance(m, dict) for m in prompt):
+        for i, m in enumerate(prompt):
+            if "role" not in m or "content" not in m:
+                raise InputError(f"Message {i} needs 'role' and 'content'.")
+        if not getattr(tokenizer, "chat_template", None):
+            # A base model: join the turns as plain text rather than refusing.
+            return list(tokenizer("\n\n".join(str(m["content"]) for m in prompt))["input_ids"])
+        return _apply_chat(tokenizer, prompt)
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    raise InputError("A prompt is a string, a list of {'role', 'content'} messages, or a list of token ids.")
+
+
+def _apply_chat(tokenizer, messages: list[dict]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces that are always whole UTF-8 characters.
+
+    A character split across tokens decodes to U+FFFD until its last byte arrives; such a tail is held
+    back. Stop strings are matched on the full text, so one spanning several rounds is still found.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, new_ids: Sequence[int]) -> tuple[str, int | None]:
+        """Add tokens; return ``(new text piece, index into new_ids after which a stop string completed)``.
+
+        With a stop string found, the text is cut before it and ``stopped`` is set; the caller keeps the
+        token ids up to and including the completing token.
+        """
+        cut_at = None
+        for i, t in enumerate(new_ids):
+            self.ids.append(t)
+            if self.stop:
+                full = self._decode(self.ids)
+                hit = _find_stop(full, self.stop, len(self.text))
+                if hit is not None:
+                    self.text = full[:hit]
+                    self.stopped = True
+                    cut_at = i
+                    break
+        if not self.stopped:
+            self.text = self._decode(self.ids)
+        stable = len(self.text)
+        if not self.stopped:
+            while stable > self.emitted and self.text[stable - 1] == "\ufffd":
+                stable -= 1
+        piece = self.text[self.emitted : stable]
+        self.emitted = stable
+        return piece, cut_at
+
+    def flush(self) -> str:
+        """Whatever was held back (a trailing incomplete character at the very end)."""
+        piece = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return piece
+
+
+def _find_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:
+    """Earliest start of a stop string in ``text`` that ends beyond ``searched`` characters."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, searched - len(s) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best

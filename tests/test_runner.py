@@ -1,0 +1,132 @@
+"""The runner drives the model's own modules and must reproduce ``model(...)`` exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, random_prompt, tiny_model
+
+from clasp_decoding.errors import UnsupportedModelError
+from clasp_decoding.runner import ModelRunner, VocabSubset, check_supported
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_reproduces_model_logits(arch):
+    model = tiny_model(arch, seed=1)
+    runner = ModelRunner(model)
+    ids = torch.tensor(random_prompt(1, 24))  # longer than gemma3's sliding window of 8
+    with torch.inference_mode():
+        ref = model(ids[None]).logits[0].float()
+    logits, hidden = runner.forward(runner.new_cache(32), ids, 0, collect_hidden=True)
+    if arch == "gemma3":  # its sliding-window mask is built differently; same maths, other rounding
+        torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    else:  # a prefill is one causal call, exactly as transformers makes it
+        assert torch.equal(logits, ref)
+    assert hidden.shape == (runner.num_layers + 1, 24, model.config.hidden_size)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_incremental_and_chunked_match_full_forward(arch):
+    model = tiny_model(arch, seed=2)
+    runner = ModelRunner(model)
+    ids = torch.tensor(random_prompt(2, 30))
+    with torch.inference_mode():
+        ref = model(ids[None]).logits[0].float()
+    cache = runner.new_cache(40)
+    runner.forward(cache, ids[:10], 0)
+    cache.rollback(10)
+    chunk, _ = runner.forward(cache, ids[10:20], 10)
+    cache.rollback(20)
+    steps = []
+    for t in range(20, 30):
+        logits, _ = runner.forward(cache, ids[t : t + 1], t, last_only=True)
+        cache.rollback(t + 1)
+        steps.append(logits[0])
+    torch.testing.assert_close(chunk, ref[10:20], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(steps), ref[20:30], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_subset_equals_model_with_layers_removed(arch):
+    """Running a subset of layers is the same as a model whose other layers are gone."""
+    model = tiny_model(arch, seed=3)
+    runner = ModelRunner(model)
+    keep = [0, 2, 3, 5]
+    ids = torch.tensor(random_prompt(3, 12))
+    logits, _ = runner.forward(runner.new_cache(16), ids, 0, layers=keep)
+    full_layers = model.model.layers
+    try:
+        model.model.layers = torch.nn.ModuleList([full_layers[i] for i in keep])
+        model.config.num_hidden_layers = len(keep)
+        if getattr(model.config, "layer_types", None):
+            types = model.config.layer_types
+            model.config.layer_types = [types[i] for i in keep]
+        with torch.inference_mode():
+            ref = model(ids[None], use_cache=False).logits[0].float()
+    finally:
+        model.model.layers = full_layers
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_candidates_are_independent_and_leave_the_cache_alone(arch):
+    model = tiny_model(arch, seed=4)
+    runner = ModelRunner(model)
+    ids = torch.tensor(random_prompt(4, 14))
+    pos = 13
+    cache = runner.new_cache(40)
+    _, hidden = runner.forward(cache, ids, 0, collect_hidden=True)
+    cache.rollback(14)
+    before = [(k[:, :, :14].clone(), v[:, :, :14].clone()) for k, v in zip(cache.keys, cache.values)]
+    layer = 3
+    true_in = hidden[layer, pos]  # h_{layer} of the last token = input of layer index `layer`
+    others = torch.randn(3, true_in.shape[0])
+    states = torch.cat([true_in[None], others])
+    together = runner.layer_candidates(cache, layer, states, pos)
+    # A candidate equal to the real input reproduces the real output of that layer.
+    torch.testing.assert_close(together[0], hidden[layer + 1, pos], rtol=1e-4, atol=1e-4)
+    # Side by side equals one at a time: candidates do not see each other.
+    for j in range(4):
+        alone = runner.layer_candidates(cache, layer, states[j : j + 1], pos)
+        torch.testing.assert_close(together[j], alone[0], rtol=1e-5, atol=1e-5)
+    for (k0, v0), k, v in zip(before, cache.keys, cache.values):
+        assert torch.equal(k0, k[:, :, :14]) and torch.equal(v0, v[:, :, :14])
+
+
+def test_vocab_subset_projects_the_chosen_rows():
+    model = tiny_model("llama", seed=5)
+    runner = ModelRunner(model)
+    h = torch.randn(2, model.config.hidden_size)
+    subset = VocabSubset(runner.head, 20, extra=[50, 3, 60, 60])
+    assert subset.ids.tolist() == list(range(20)) + [50, 60]
+    with torch.inference_mode():
+        full = runner.logits(h)
+        part = runner.logits(h, subset)
+    torch.testing.assert_close(part, full[:, subset.ids])
+    probs = torch.softmax(part, -1)
+    spread = subset.to_full(probs)
+    assert spread.shape == full.shape and torch.allclose(spread.sum(-1), torch.ones(2))
+    assert torch.equal(spread[:, subset.ids], probs)
+
+
+def test_unsupported_architectures_are_refused_clearly():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel is not supported"):
+        check_supported(model)
+    with pytest.raises(UnsupportedModelError, match="lacks"):
+        ModelRunner(model)
+
+
+def test_rowwise_attention_backend_leaves_transformers_generate_alone():
+    """The row-exact attention backend delegates calls that do not come from the runner unchanged
+    (these shapes need no linear padding, so nothing else changes either)."""
+    from conftest import hf_greedy
+
+    model = tiny_model("qwen2", seed=6, dtype=torch.bfloat16)
+    prompt = random_prompt(6, 9)
+    before = hf_greedy(model, prompt, 24)
+    runner = ModelRunner(model)
+    assert runner.row_exact and model.config._attn_implementation == "clasp_sdpa"
+    assert hf_greedy(model, prompt, 24) == before
