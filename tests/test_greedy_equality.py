@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, hf_greedy, random_prompt, tiny_model
 
 from clasp_decoding.api import runner_for
 from clasp_decoding.config import GenerationConfig
 from clasp_decoding.decoding import decode, start_session
 from clasp_decoding.errors import InputError
+from conftest import ARCHS, hf_greedy, random_prompt, tiny_model
 
 
 def run(model, prompt, cfg: GenerationConfig, eos=(), chunks=None):

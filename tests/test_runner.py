@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, random_prompt, tiny_model
 
 from clasp_decoding.errors import UnsupportedModelError
 from clasp_decoding.runner import ModelRunner, VocabSubset, check_supported
+from conftest import ARCHS, random_prompt, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -77,7 +77,7 @@ def test_layer_candidates_are_independent_and_leave_the_cache_alone(arch):
     cache = runner.new_cache(40)
     _, hidden = runner.forward(cache, ids, 0, collect_hidden=True)
     cache.rollback(14)
-    before = [(k[:, :, :14].clone(), v[:, :, :14].clone()) for k, v in zip(cache.keys, cache.values)]
+    before = [(k[:, :, :14].clone(), v[:, :, :14].clone()) for k, v in zip(cache.keys, cache.values, strict=True)]
     layer = 3
     true_in = hidden[layer, pos]  # h_{layer} of the last token = input of layer index `layer`
     others = torch.randn(3, true_in.shape[0])
@@ -89,7 +89,7 @@ def test_layer_candidates_are_independent_and_leave_the_cache_alone(arch):
     for j in range(4):
         alone = runner.layer_candidates(cache, layer, states[j : j + 1], pos)
         torch.testing.assert_close(together[j], alone[0], rtol=1e-5, atol=1e-5)
-    for (k0, v0), k, v in zip(before, cache.keys, cache.values):
+    for (k0, v0), k, v in zip(before, cache.keys, cache.values, strict=True):
         assert torch.equal(k0, k[:, :, :14]) and torch.equal(v0, v[:, :, :14])
 
 

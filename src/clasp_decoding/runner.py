@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .numerics import RowPlan, install
 from .errors import UnsupportedModelError
 from .kv_cache import KVCache
+from .numerics import RowPlan, install
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 

