@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,10 +17,24 @@ _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def runner_for(model) -> ModelRunner:
-    """The (cached) :class:`ModelRunner` of ``model``."""
+    """The (cached) runner of ``model``: on CUDA the graph runner (unless ``CLASP_CUDA_GRAPHS=0``), with
+    ``CLASP_GRAPH_CAPACITY`` cache slots (default 4096); elsewhere the eager runner."""
     runner = _runners.get(model)
     if runner is None:
-        runner = _runners[model] = ModelRunner(model)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        if on_cuda and os.environ.get("CLASP_CUDA_GRAPHS", "1") != "0":
+            runner = use_graphs(model, capacity=int(os.environ.get("CLASP_GRAPH_CAPACITY", "4096")))
+        else:
+            runner = _runners[model] = ModelRunner(model)
+    return runner
+
+
+def use_graphs(model, capacity: int = 4096, *, capture: bool | None = None, compile_layers: bool = False, **kwargs):
+    """Run ``model`` through the static-shape graph runner from now on (``capture=False``: the same
+    static code, eagerly; the CPU tests use it). Returns the runner."""
+    from .graph_runner import GraphRunner
+
+    runner = _runners[model] = GraphRunner(model, capacity, capture=capture, compile_layers=compile_layers, **kwargs)
     return runner
 
 

@@ -133,6 +133,18 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .server import serve
+
+    config = config_from_args(a)
+    if a.max_queue < 1 or a.timeout <= 0 or a.default_max_tokens < 1:
+        raise ClaspError("--max-queue, --timeout and --default-max-tokens must be positive.")
+    serve(a.model, host=a.host, port=a.port, dtype=a.dtype, device=a.device, base_config=config,
+          max_queue=a.max_queue, request_timeout=a.timeout, default_max_tokens=a.default_max_tokens,
+          log_level=a.log_level)
+    return 0
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     from .models import cache_dir, folder_size_mb, is_cached
 
@@ -169,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fetch", nargs="*", choices=list(BUILTIN_MODELS), help="fetch these built-in models now")
     m.set_defaults(func=cmd_models)
 
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    add_model_args(s)
+    add_generation_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get HTTP 429")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
+    s.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when a request sets none")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

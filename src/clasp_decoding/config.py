@@ -25,13 +25,13 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     method: str = "clasp"
     # Layer skipping (clasp, static, hybrid).
-    skip_ratio: float = 0.5
+    skip_ratio: float = 0.3
     num_skip: int | None = None
     draft_exit_threshold: float = 0.7
     max_draft_tokens: int = 8
     layer_opt_interval: int = 16
     skip_layers: tuple[int, ...] | None = None
-    draft_vocab: int = 0
+    draft_vocab: int = 32768
     # Prompt lookup (pld, hybrid).
     lookup_min_ngram: int = 2
     lookup_max_ngram: int = 4

@@ -33,6 +33,10 @@ def make_drafter(config: GenerationConfig) -> Drafter:
     if config.method == "ar":
         return NoDraft()
     if config.method == "clasp":
+        if config.adaptive:
+            from .hybrid import HybridDrafter
+
+            return HybridDrafter(use_lookup=False)
         return LayerSkipDrafter(dynamic=True)
     if config.method == "static":
         return LayerSkipDrafter(dynamic=False)
@@ -119,11 +123,10 @@ def decode(
         while True:
             budget = config.max_new_tokens - s.generated
             t0 = time.perf_counter()
-            draft = drafter.propose(s, budget - 1) if budget > 1 else Draft([])
-            t1 = time.perf_counter()
+            draft = drafter.propose(s, budget - 1) if budget > 1 else Draft([], None, "plain")
+            s.draft_seconds = time.perf_counter() - t0
+            stats.time_draft += s.draft_seconds
             tokens = _verify(s, drafter, draft)
-            stats.time_draft += t1 - t0
-            stats.time_verify += time.perf_counter() - t1
             s.round += 1
             if not _emit(s, tokens):
                 yield tokens
@@ -141,12 +144,15 @@ def _verify(s: Session, drafter: Drafter, draft: Draft) -> list[int]:
     k = len(draft)
     inputs = torch.tensor([s.last_token, *draft.tokens], device=runner.device)
     want = drafter.wants_hidden(s)
+    t0 = time.perf_counter()
     logits, hidden = runner.forward(cache, inputs, n, collect_hidden=want)
     drafted = inputs[1:]
     if params.greedy:
         a, nxt = greedy_accept(drafted, logits)
     else:
         a, nxt = speculative_accept(drafted, draft.probs, warp(logits, params), s.generator)
+    s.verify_seconds = time.perf_counter() - t0  # the acceptance's host sync makes this the real time
+    s.stats.time_verify += s.verify_seconds
     cache.rollback(n + a + 1)
     s.stats.steps += 1
     s.stats.drafted += k

@@ -33,9 +33,6 @@ class Draft:
         return len(self.tokens)
 
 
-EMPTY = Draft([])
-
-
 class Drafter:
     """The interface. ``propose`` may run the model (writing scratch cache slots beyond the verified ones);
     ``observe`` sees each round's outcome after the cache was rolled back to the verified tokens."""
@@ -66,7 +63,7 @@ class NoDraft(Drafter):
     name = "ar"
 
     def propose(self, session: Session, max_tokens: int) -> Draft:
-        return EMPTY
+        return Draft([], None, "plain")
 
 
 class LayerSkipDrafter(Drafter):
@@ -82,10 +79,10 @@ class LayerSkipDrafter(Drafter):
     def wants_prefill_hidden(self) -> bool:
         return self.dynamic
 
-    def start(self, session: Session, prompt_hidden: torch.Tensor | None) -> None:
+    def start(self, session: Session, prompt_hidden: torch.Tensor | None, num_skip: int | None = None) -> None:
         cfg = session.config
         layers = session.runner.num_layers
-        self.num_skip = cfg.num_skipped(layers)
+        self.num_skip = num_skip if num_skip is not None else cfg.num_skipped(layers)
         if cfg.draft_vocab and cfg.draft_vocab < session.runner.vocab_size:
             self.vocab = VocabSubset(session.runner.head, cfg.draft_vocab, session.tokens)
         if cfg.skip_layers is not None:
@@ -109,8 +106,7 @@ class LayerSkipDrafter(Drafter):
         skip = clasp_dp(hidden, self.num_skip, lambda i, s: runner.layer_candidates(cache, i - 1, s, position))
         session.stats.time_select += time.perf_counter() - t0
         session.stats.layer_selections += 1
-        if skip != self.skip:
-            self._use(session, skip)
+        self._use(session, skip)
 
     def wants_hidden(self, session: Session) -> bool:
         return self.dynamic and (session.round + 1) % session.config.layer_opt_interval == 0
@@ -182,4 +178,4 @@ class PromptLookupDrafter(Drafter):
 
     def propose(self, session: Session, max_tokens: int) -> Draft:
         found = self.lookup(session.tokens, max_tokens)
-        return Draft(found, None, self.name) if found else EMPTY
+        return Draft(found, None, self.name) if found else Draft([], None, "plain")

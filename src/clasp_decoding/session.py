@@ -30,6 +30,8 @@ class Session:
     generator: torch.Generator | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     round: int = 0
+    draft_seconds: float = 0.0  # this round's drafting time, for drafters that adapt to cost
+    verify_seconds: float = 0.0  # this round's verification time
 
     @property
     def params(self) -> SamplingParams:

@@ -1,0 +1,1 @@
+"""Spec-Bench-compatible benchmarking: questions, methods, measurement, metrics, reports and plots."""

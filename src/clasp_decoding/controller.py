@@ -1,0 +1,184 @@
+"""Cost-aware control: per round, draft from the source with the best expected tokens per second, as
+far as pays, or not at all when plain decoding is faster.
+
+It keeps exponentially weighted estimates of what it measures online:
+
+- the verification time for each number of verified tokens (``t_v(k)``; ``t_v(0)`` is a plain step),
+- the time of one draft step for each skip count ``M`` (``t_d(M)``),
+- the per-token acceptance probability ``alpha`` of each draft source (per ``M`` for layer skipping).
+
+A draft of ``k`` tokens whose tokens are each accepted with probability ``alpha`` (given the previous one
+was) yields ``1 + alpha (1 - alpha^k) / (1 - alpha)`` tokens per round, at a cost of ``k t_d + t_v(k)``.
+The controller picks the source and ``k`` that maximise that ratio and compares it with ``1 / t_v(0)``.
+When drafting cannot pay it decodes plainly, and probes with a short draft every ``probe_every`` rounds
+so that a change in the text is noticed. The skip count ``M`` is chosen the same way at each layer
+selection, among a few candidates, unexplored ones first.
+
+The estimates live on the model's runner and carry over between generations: they describe the
+machine and the model, not one request, and they only ever change speed, never output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EMA:
+    """An exponentially weighted mean that knows whether it has seen anything."""
+
+    def __init__(self, decay: float = 0.8, value: float | None = None) -> None:
+        self.decay, self.value = decay, value
+
+    def update(self, x: float) -> None:
+        self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
+
+
+class Acceptance:
+    """Per-token acceptance probability from rounds of (drafted, accepted), with a prior.
+
+    A round with ``a`` of ``k`` drafts accepted contributes ``a`` successes and, if ``a < k``, one failure
+    (tokens after the first rejection were never tested). Counts decay so recent text weighs more."""
+
+    def __init__(self, prior: float = 0.7, weight: float = 2.0, decay: float = 0.95) -> None:
+        self.successes, self.trials = prior * weight, weight
+        self.decay = decay
+        self.rounds = 0
+
+    @property
+    def alpha(self) -> float:
+        return min(0.99, self.successes / self.trials)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        self.successes = self.decay * self.successes + accepted
+        self.trials = self.decay * self.trials + accepted + (1 if accepted < drafted else 0)
+        self.rounds += 1
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one round yields with a ``k``-token draft of per-token acceptance ``alpha`` (bonus included)."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 0.999:
+        return 1.0 + k
+    return 1.0 + alpha * (1 - alpha**k) / (1 - alpha)
+
+
+@dataclass
+class Plan:
+    source: str  # "plain", "pld" or "clasp"
+    max_tokens: int
+    rate: float  # expected tokens per second
+
+
+@dataclass
+class ControllerState:
+    """What the controller knows about one model on one machine."""
+
+    num_layers: int
+    verify: dict[int, EMA] = field(default_factory=dict)
+    draft_step: dict[int, EMA] = field(default_factory=dict)
+    layer_skip: dict[int, Acceptance] = field(default_factory=dict)
+    lookup: Acceptance = field(default_factory=lambda: Acceptance(prior=0.5))
+    select_time: EMA = field(default_factory=EMA)
+
+    def t_verify(self, k: int) -> float | None:
+        """Measured verification time for ``k`` drafts; unmeasured lengths borrow the nearest measured one
+        (verification cost is nearly flat in ``k`` while a forward pass is bound by reading weights)."""
+        known = {n: e.value for n, e in self.verify.items() if e.value is not None}
+        if not known:
+            return None
+        if k in known:
+            return known[k]
+        nearest = min(known, key=lambda n: (abs(n - k), -n))
+        return known[nearest]
+
+    def t_draft(self, num_skip: int) -> float | None:
+        """Measured draft-step time at ``num_skip``; else scaled from another skip count by layers run."""
+        e = self.draft_step.get(num_skip)
+        if e is not None and e.value is not None:
+            return e.value
+        for m, other in self.draft_step.items():
+            if other.value is not None:
+                return other.value * (self.num_layers - num_skip) / max(1, self.num_layers - m)
+        t0 = self.t_verify(0)
+        return None if t0 is None else t0 * (self.num_layers - num_skip) / self.num_layers
+
+    def acceptance(self, num_skip: int) -> Acceptance:
+        if num_skip not in self.layer_skip:
+            self.layer_skip[num_skip] = Acceptance()
+        return self.layer_skip[num_skip]
+
+
+class Controller:
+    """Decides each round's draft source and length, and the skip count at each layer selection."""
+
+    def __init__(self, state: ControllerState, *, max_draft: int, candidates: list[int], probe_every: int = 12,
+                 margin: float = 1.0) -> None:
+        self.state = state
+        self.max_draft = max_draft
+        self.candidates = sorted(set(candidates))
+        self.probe_every = probe_every
+        self.margin = margin
+        self.plain_streak = 0
+
+    def layer_skip_rate(self, num_skip: int, budget: int) -> tuple[int, float]:
+        """Best draft length and its expected rate for layer skipping at ``num_skip``."""
+        s = self.state
+        td, alpha = s.t_draft(num_skip), s.acceptance(num_skip).alpha
+        best_k, best = 0, 0.0
+        if td is None or s.t_verify(0) is None:
+            return min(self.max_draft, budget), float("inf")  # nothing measured yet: draft and learn
+        for k in range(1, min(self.max_draft, budget) + 1):
+            rate = expected_tokens(alpha, k) / (k * td + s.t_verify(k))
+            if rate > best:
+                best_k, best = k, rate
+        return best_k, best
+
+    def plan(self, num_skip: int, lookup_len: int, budget: int) -> Plan:
+        """This round: draft from prompt lookup (when it found ``lookup_len`` tokens), from the layer-skip
+        draft, or not at all, whichever promises the most tokens per second."""
+        s = self.state
+        if budget <= 0:
+            return Plan("plain", 0, 0.0)
+        t0 = s.t_verify(0)
+        plain = 1.0 / t0 if t0 else 0.0
+        options = []
+        if lookup_len > 0:
+            k = min(lookup_len, budget)
+            tv = s.t_verify(k)
+            rate = expected_tokens(s.lookup.alpha, k) / tv if tv else float("inf")
+            options.append(Plan("pld", k, rate))
+        k, rate = self.layer_skip_rate(num_skip, budget)
+        if k > 0:
+            options.append(Plan("clasp", k, rate))
+        best = max(options, key=lambda p: p.rate, default=Plan("plain", 0, plain))
+        if best.rate > plain * self.margin:
+            self.plain_streak = 0
+            return best
+        self.plain_streak += 1
+        if self.plain_streak >= self.probe_every:  # look again: the text may have become predictable
+            self.plain_streak = 0
+            return Plan("clasp", min(2, budget), best.rate)
+        return Plan("plain", 0, plain)
+
+    def choose_num_skip(self, current: int) -> int:
+        """The skip count for the next stretch: an unexplored candidate first, then the best expected rate."""
+        s = self.state
+        for m in self.candidates:
+            if s.acceptance(m).rounds == 0 and s.t_verify(0) is not None:
+                return m
+        scored = [(self.layer_skip_rate(m, self.max_draft)[1], m) for m in self.candidates]
+        return max(scored)[1] if scored else current
+
+    def observe(self, source: str, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float,
+                num_skip: int) -> None:
+        s = self.state
+        s.verify.setdefault(drafted, EMA()).update(verify_seconds)
+        if source == "clasp" and drafted:
+            # A draft of k tokens ran k forward steps (it stops early on low confidence or EOS).
+            s.draft_step.setdefault(num_skip, EMA()).update(draft_seconds / drafted)
+            s.acceptance(num_skip).update(drafted, accepted)
+        elif source == "pld" and drafted:
+            s.lookup.update(drafted, accepted)

@@ -1,0 +1,234 @@
+"""The GPU fast path: static shapes and per-layer CUDA graphs behind the runner's interface.
+
+Eager PyTorch on a GPU is bound by kernel launches, so CLaSp's savings (fewer layers per draft step)
+only show when launches are gone. Here every hot call is a sequence of graph replays over static
+buffers:
+
+- an *entry* graph per query bucket ``q``: embedding, rotary tables, positions, cache slots and masks;
+- a graph per decoder layer and bucket, all reading and writing one hidden-state buffer, so a draft
+  with any skip set is just the replays of the layers it keeps;
+- an *exit* graph per bucket: final norm and head (and, for draft steps, the argmax and confidence);
+- per-layer graphs for the DP's candidate calls (one bucket of ``max_candidates`` rows).
+
+The cache (:class:`StaticKVCache`) is allocated once at full capacity and written with ``index_copy_``
+at slots held in a device tensor; attention reads all slots and masks the ones beyond each query, a
+cost that grows with capacity and that ``scripts/gpu_check.py`` measures. Verification pads its tokens
+to the next bucket; padded rows write scratch slots beyond the verified ones and are ignored.
+
+``capture=False`` runs exactly the same static-shape code eagerly. That is how the CPU tests cover this
+path, and how it runs anywhere CUDA graphs are unavailable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .kv_cache import KVCache
+from .numerics import RowPlan
+from .runner import ModelRunner, VocabSubset
+
+
+class StaticKVCache(KVCache):
+    """Full-capacity buffers written at the slots in ``slot_index`` (a device tensor), read whole."""
+
+    def __init__(self, num_layers: int, capacity: int, dtype, device) -> None:
+        super().__init__(num_layers, capacity, dtype, device)
+        self.slot_index: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys = self.keys[layer_idx]
+        if keys is None:
+            keys, values = self._allocate(layer_idx, key_states, value_states)
+        else:
+            values = self.values[layer_idx]
+        n = key_states.shape[-2]
+        keys.index_copy_(2, self.slot_index[:n], key_states)
+        values.index_copy_(2, self.slot_index[:n], value_states)
+        return keys, values
+
+
+class _Bucket:
+    """Static buffers for calls of up to ``size`` query rows."""
+
+    def __init__(self, runner: GraphRunner, size: int, with_states: bool = True) -> None:
+        d = runner.config.hidden_size
+        dev, dt = runner.device, runner.dtype
+        self.size = size
+        self.tokens = torch.zeros(size, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(1, size, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(size, dtype=torch.long, device=dev)
+        self.offsets = torch.arange(size, device=dev)
+        self.hidden = torch.zeros(1, size, d, dtype=dt, device=dev)
+        self.states = torch.zeros(runner.num_layers + 1, size, d, dtype=dt, device=dev) if with_states else None
+        self.masks = {k: torch.zeros(1, 1, size, runner.capacity, dtype=dt, device=dev) for k in set(runner.layer_types)}
+        self.pe: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.logits: torch.Tensor | None = None
+
+
+class GraphRunner(ModelRunner):
+    """A :class:`ModelRunner` whose calls replay CUDA graphs over static buffers (see module doc)."""
+
+    def __init__(self, model, capacity: int = 4096, *, buckets: Sequence[int] = (1, 2, 4, 8, 16),
+                 max_candidates: int = 32, capture: bool | None = None, compile_layers: bool = False) -> None:
+        super().__init__(model)
+        self.buckets = tuple(sorted(set(buckets)))
+        self.capacity = capacity + self.buckets[-1] + max_candidates + 1  # room for padded rows and the DP
+        self.max_positions = min(self.max_positions, capacity)
+        self.max_candidates = max_candidates
+        self.capture = torch.cuda.is_available() and self.device.type == "cuda" if capture is None else capture
+        self.cache = StaticKVCache(self.num_layers, self.capacity, self.dtype, self.device)
+        self.start = torch.zeros((), dtype=torch.long, device=self.device)
+        self.kv_slots = torch.arange(self.capacity, device=self.device)
+        self._buckets = {b: _Bucket(self, b) for b in self.buckets}
+        self._cand = _Bucket(self, max_candidates, with_states=False)
+        self._graphs: dict[tuple, Callable[[], None]] = {}
+        self._pool = None
+        self._layer_fns = list(self.layers)
+        if compile_layers:
+            from torch import _dynamo
+
+            # Every layer shares one code object: let dynamo keep a compiled variant per layer and shape.
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 8 * self.num_layers)
+            self._layer_fns = [torch.compile(layer, dynamic=False) for layer in self.layers]
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """The one static cache, emptied (graphs hold its buffers, so it is never reallocated)."""
+        if capacity > self.capacity:
+            raise ValueError(f"a generation needing {capacity} cache slots exceeds the graph capacity {self.capacity}")
+        self.cache.rollback(0)
+        return self.cache
+
+    # ------------------------------------------------------------------ the static steps
+
+    def _entry(self, b: _Bucket, candidates: bool) -> Callable[[], None]:
+        """Positions, slots, masks and rotary tables from ``self.start``; embeddings unless candidates."""
+
+        def run() -> None:
+            kv = self.kv_slots
+            if candidates:
+                b.positions.copy_(self.start.expand(1, b.size))
+                b.slots.copy_(self.start + 1 + b.offsets)
+                allowed = (kv[None, :] < self.start) | (kv[None, :] == b.slots[:, None])
+                kv_pos = torch.where(kv > self.start, self.start, kv)
+            else:
+                b.positions.copy_((self.start + b.offsets)[None])
+                b.slots.copy_(b.positions[0])
+                allowed = kv[None, :] <= b.slots[:, None]
+                kv_pos = kv
+                h = self.embed(b.tokens.view(1, b.size))
+                b.hidden.copy_(h)
+                if b.states is not None:
+                    b.states[0].copy_(h[0])
+            q_pos = b.positions[0]
+            for kind, mask in b.masks.items():
+                ok = allowed
+                if kind == "sliding_attention" and self.sliding_window is not None:
+                    ok = ok & (kv_pos[None, :] > q_pos[:, None] - self.sliding_window)
+                mask.copy_(torch.where(ok, 0.0, self._neg)[None, None].to(mask.dtype))
+            pe = self._rotary(b.hidden, b.positions)
+            for kind, (cos, sin) in pe.items():
+                if kind not in b.pe:
+                    b.pe[kind] = (torch.empty_like(cos), torch.empty_like(sin))
+                b.pe[kind][0].copy_(cos)
+                b.pe[kind][1].copy_(sin)
+
+        return run
+
+    def _layer(self, b: _Bucket, i: int, collect: bool) -> Callable[[], None]:
+        kind = self.layer_types[i]
+        plan = RowPlan(0, "masked")
+        extra = {"clasp_rows": plan} if self.row_exact else {}
+
+        def run() -> None:
+            self.cache.slot_index = b.slots
+            out = self._layer_fns[i](
+                b.hidden, attention_mask=b.masks[kind], position_embeddings=b.pe[kind], position_ids=b.positions,
+                **{self._cache_kw: self.cache}, **extra,
+            )
+            out = out[0] if isinstance(out, tuple) else out
+            b.hidden.copy_(out)
+            if collect:
+                b.states[i + 1].copy_(out[0])
+
+        return run
+
+    def _exit(self, b: _Bucket, last: bool) -> Callable[[], None]:
+        """Final norm and head: of the last row (a draft step) or of every row (a verification)."""
+
+        def run() -> None:
+            logits = self.logits(b.hidden[0, -1:] if last else b.hidden[0])
+            if b.logits is None or b.logits.shape != logits.shape:
+                b.logits = torch.empty_like(logits)
+            b.logits.copy_(logits)
+
+        return run
+
+    def _run(self, key: tuple, make: Callable[[], Callable[[], None]]) -> None:
+        """Run a step: eagerly, or as a CUDA graph captured on first use (after a warm-up run)."""
+        fn = self._graphs.get(key)
+        if fn is None:
+            step = make()
+            if not self.capture:
+                fn = step
+            else:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    step()  # warm-up: allocations and lazy initialisation happen outside the capture
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    step()
+                self._pool = graph.pool()
+                fn = graph.replay
+            self._graphs[key] = fn
+        fn()
+
+    def _bucket_for(self, q: int) -> _Bucket:
+        for size in self.buckets:
+            if size >= q:
+                return self._buckets[size]
+        raise ValueError(f"{q} tokens in one call exceed the largest bucket ({self.buckets[-1]})")
+
+    # ------------------------------------------------------------------ the runner interface
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, tokens: torch.Tensor, start: int, *, layers: Sequence[int] | None = None,
+                last_only: bool = False, collect_hidden: bool = False, vocab: VocabSubset | None = None):
+        q = tokens.shape[-1]
+        graphs = q <= self.buckets[-1]
+        # A prompt longer than the largest bucket runs the same static steps eagerly, in one call.
+        b = self._bucket_for(q) if graphs else _Bucket(self, q, with_states=collect_hidden)
+        b.tokens[:q].copy_(tokens)
+        self.start.fill_(start)
+        run = self._run if graphs else (lambda key, make: make()())
+        run(("entry", b.size), lambda: self._entry(b, candidates=False))
+        for i in self.all_layers if layers is None else layers:
+            run(("layer", b.size, i, collect_hidden), lambda i=i: self._layer(b, i, collect_hidden))
+        if vocab is not None:  # a draft head over part of the vocabulary runs eagerly
+            logits = self.logits(b.hidden[0, q - 1 : q] if last_only else b.hidden[0, :q], vocab)
+        elif last_only and q == b.size:
+            run(("exit", b.size, True), lambda: self._exit(b, True))
+            logits = b.logits.clone()
+        else:
+            run(("exit", b.size, False), lambda: self._exit(b, False))
+            logits = b.logits[q - 1 : q].clone() if last_only else b.logits[:q].clone()
+        hidden = None
+        if collect_hidden:
+            hidden = b.states[:, q - 1 : q].clone() if last_only else b.states[:, :q].clone()
+        return logits, hidden
+
+    @torch.inference_mode()
+    def layer_candidates(self, cache: KVCache, index: int, states: torch.Tensor, position: int) -> torch.Tensor:
+        n = states.shape[0]
+        if n > self.max_candidates:
+            raise ValueError(f"{n} DP candidates exceed max_candidates={self.max_candidates}")
+        b = self._cand
+        b.hidden[0, :n].copy_(states)
+        b.hidden[0, n:].zero_()
+        self.start.fill_(position)
+        self._run(("cand-entry",), lambda: self._entry(b, candidates=True))
+        self._run(("cand", index), lambda: self._layer(b, index, False))
+        return b.hidden[0, :n].clone()
