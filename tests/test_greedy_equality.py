@@ -44,8 +44,12 @@ def test_matches_hf_generate(arch, setting):
         ref = hf_greedy(model, prompt, 40)
         out, session = run(model, prompt, GenerationConfig(max_new_tokens=40, **kw))
         assert out == ref, (arch, kw, seed)
-        assert session.stats.new_tokens == 40
-        assert session.stats.steps == 1 + len(session.stats.accepted_lengths)
+        st = session.stats
+        assert st.new_tokens == 40
+        assert st.steps == 1 + len(st.accepted_lengths) == 1 + len(st.draft_lengths)
+        assert all(a <= k for a, k in zip(st.accepted_lengths, st.draft_lengths, strict=True))
+        if kw["method"] in ("clasp", "static"):
+            assert max(st.draft_lengths) <= kw.get("max_draft_tokens", GenerationConfig().max_draft_tokens)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

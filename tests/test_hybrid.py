@@ -24,7 +24,8 @@ def state(tv0=1.0, tv_k=1.05, td=0.5, alpha=0.7, layers=10, skip=4, pld_alpha=No
     acc = s.acceptance(skip)
     acc.successes, acc.trials, acc.rounds = alpha * 100, 100.0, 5
     if pld_alpha is not None:
-        s.lookup.successes, s.lookup.trials = pld_alpha * 100, 100.0
+        look = s.lookup_acceptance(2)
+        look.successes, look.trials = pld_alpha * 100, 100.0
     return s
 
 
@@ -51,6 +52,24 @@ def test_drafts_when_it_pays_and_as_far_as_it_pays():
     assert c.plan(4, 0, 2).max_tokens == 2
 
 
+def test_realized_rates_overrule_an_optimistic_model():
+    s = state(td=0.2, alpha=0.9)
+    c = Controller(s, max_draft=8, candidates=[4])
+    assert c.plan(4, 0, 100).source == "clasp"
+    for _ in range(10):  # such rounds really gave 0.6 tokens/s; a plain step gives 1
+        s.realize(("clasp", 4), 3, 5.0)
+    assert c.plan(4, 0, 100).source == "plain"
+
+
+def test_realized_rate_is_a_ratio_of_running_means():
+    s = ControllerState(num_layers=10)
+    for _ in range(50):
+        s.realize(("clasp", 4), 5, 0.6)
+        s.realize(("clasp", 4), 1, 0.3)
+    # Tokens over time (6 / 0.9), not the mean of per-round rates ((8.33 + 3.33) / 2).
+    assert s.realized_rate(("clasp", 4)) == pytest.approx(6 / 0.9, rel=0.1)
+
+
 def test_prompt_lookup_wins_when_its_matches_are_good():
     c = Controller(state(td=0.5, alpha=0.6, pld_alpha=0.8), max_draft=8, candidates=[4])
     plan = c.plan(4, 6, 100)
@@ -63,6 +82,9 @@ def test_probes_now_and_then_while_decoding_plainly():
     c = Controller(state(td=0.9, alpha=0.2), max_draft=8, candidates=[4], probe_every=5)
     sources = [c.plan(4, 0, 100).source for _ in range(10)]
     assert sources.count("clasp") == 2 and sources[4] == "clasp" and sources[9] == "clasp"
+    # With a lookup match at hand, the probe is the nearly free one.
+    c = Controller(state(td=0.9, alpha=0.2, pld_alpha=0.01), max_draft=8, candidates=[4], probe_every=3)
+    assert [c.plan(4, 5, 100).source for _ in range(3)] == ["plain", "plain", "pld"]
 
 
 def test_measures_plain_step_first_and_learns_from_rounds():
@@ -103,7 +125,7 @@ def cycle_plans(monkeypatch):
     """Force the controller through every mode in turn: plain, lookup (if found), layer skip."""
     modes = itertools.cycle(["plain", "pld", "clasp"])
 
-    def plan(self, num_skip, lookup_len, budget):
+    def plan(self, num_skip, lookup_len, budget, lookup_ngram=2):
         mode = next(modes)
         if mode == "pld" and lookup_len:
             return Plan("pld", min(lookup_len, budget), 1.0)

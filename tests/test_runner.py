@@ -130,3 +130,13 @@ def test_rowwise_attention_backend_leaves_transformers_generate_alone():
     runner = ModelRunner(model)
     assert runner.row_exact and model.config._attn_implementation == "clasp_sdpa"
     assert hf_greedy(model, prompt, 24) == before
+
+
+def test_layer_candidates_refuse_to_overwrite_verified_slots():
+    model = tiny_model("llama", seed=7)
+    runner = ModelRunner(model)
+    cache = runner.new_cache(40)
+    runner.forward(cache, torch.tensor(random_prompt(7, 12)), 0)
+    cache.rollback(12)
+    with pytest.raises(ValueError, match="would overwrite verified cache slots"):
+        runner.layer_candidates(cache, 1, torch.randn(2, model.config.hidden_size), 5)

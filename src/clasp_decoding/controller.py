@@ -5,11 +5,14 @@ It keeps exponentially weighted estimates of what it measures online:
 
 - the verification time for each number of verified tokens (``t_v(k)``; ``t_v(0)`` is a plain step),
 - the time of one draft step for each skip count ``M`` (``t_d(M)``),
-- the per-token acceptance probability ``alpha`` of each draft source (per ``M`` for layer skipping).
+- the per-token acceptance probability ``alpha`` of each draft source (per ``M`` for layer skipping,
+  per matched n-gram length for prompt lookup).
 
 A draft of ``k`` tokens whose tokens are each accepted with probability ``alpha`` (given the previous one
 was) yields ``1 + alpha (1 - alpha^k) / (1 - alpha)`` tokens per round, at a cost of ``k t_d + t_v(k)``.
-The controller picks the source and ``k`` that maximise that ratio and compares it with ``1 / t_v(0)``.
+The controller picks the source and ``k`` that maximise that ratio, caps the ratio by the tokens per
+second such rounds have actually delivered (which includes early exits the model ignores), and
+compares it with ``1 / t_v(0)`` (with a 2% margin).
 When drafting cannot pay it decodes plainly, and probes with a short draft every ``probe_every`` rounds
 so that a change in the text is noticed. The skip count ``M`` is chosen the same way at each layer
 selection, among a few candidates, unexplored ones first.
@@ -80,8 +83,31 @@ class ControllerState:
     verify: dict[int, EMA] = field(default_factory=dict)
     draft_step: dict[int, EMA] = field(default_factory=dict)
     layer_skip: dict[int, Acceptance] = field(default_factory=dict)
-    lookup: Acceptance = field(default_factory=lambda: Acceptance(prior=0.5))
-    select_time: EMA = field(default_factory=EMA)
+    lookup: dict[int, Acceptance] = field(default_factory=dict)
+    skip_sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # the last DP result per skip count
+    realized: dict[tuple, tuple[EMA, EMA]] = field(default_factory=dict)
+    realized_rounds: dict[tuple, int] = field(default_factory=dict)
+
+    def lookup_acceptance(self, ngram: int) -> Acceptance:
+        """Prompt lookup's acceptance, per length of the matched n-gram (longer matches are surer)."""
+        if ngram not in self.lookup:
+            self.lookup[ngram] = Acceptance(prior=0.5, decay=0.8)
+        return self.lookup[ngram]
+
+    def realize(self, key: tuple, tokens: int, seconds: float) -> None:
+        pair = self.realized.setdefault(key, (EMA(decay=0.9), EMA(decay=0.9)))
+        pair[0].update(tokens)
+        pair[1].update(seconds)
+        self.realized_rounds[key] = self.realized_rounds.get(key, 0) + 1
+
+    def realized_rate(self, key: tuple, min_rounds: int = 4) -> float | None:
+        """Tokens per second that rounds of this kind (``("clasp", M)``) actually delivered, as a ratio of
+        running means (a mean of per-round rates would undervalue the long, productive rounds); it
+        includes what the model of the rate leaves out (early exits, varying draft lengths)."""
+        if self.realized_rounds.get(key, 0) < min_rounds:
+            return None
+        tokens, seconds = self.realized[key]
+        return tokens.value / seconds.value if seconds.value else None
 
     def t_verify(self, k: int) -> float | None:
         """Measured verification time for ``k`` drafts; unmeasured lengths borrow the nearest measured one
@@ -115,7 +141,7 @@ class Controller:
     """Decides each round's draft source and length, and the skip count at each layer selection."""
 
     def __init__(self, state: ControllerState, *, max_draft: int, candidates: list[int], probe_every: int = 12,
-                 margin: float = 1.0) -> None:
+                 margin: float = 1.02) -> None:
         self.state = state
         self.max_draft = max_draft
         self.candidates = sorted(set(candidates))
@@ -136,9 +162,16 @@ class Controller:
                 best_k, best = k, rate
         return best_k, best
 
-    def plan(self, num_skip: int, lookup_len: int, budget: int) -> Plan:
-        """This round: draft from prompt lookup (when it found ``lookup_len`` tokens), from the layer-skip
-        draft, or not at all, whichever promises the most tokens per second."""
+    def clasp_rate(self, num_skip: int, budget: int) -> tuple[int, float]:
+        """Like :meth:`layer_skip_rate`, but never more optimistic than what such rounds really gave."""
+        k, rate = self.layer_skip_rate(num_skip, budget)
+        seen = self.state.realized_rate(("clasp", num_skip))
+        return k, rate if seen is None else min(rate, seen)
+
+    def plan(self, num_skip: int, lookup_len: int, budget: int, lookup_ngram: int = 2) -> Plan:
+        """This round: draft from prompt lookup (when it found ``lookup_len`` tokens after a match of
+        ``lookup_ngram`` tokens), from the layer-skip draft, or not at all, whichever promises the most
+        tokens per second."""
         s = self.state
         if budget <= 0:
             return Plan("plain", 0, 0.0)
@@ -148,9 +181,9 @@ class Controller:
         if lookup_len > 0:
             k = min(lookup_len, budget)
             tv = s.t_verify(k)
-            rate = expected_tokens(s.lookup.alpha, k) / tv if tv else float("inf")
+            rate = expected_tokens(s.lookup_acceptance(lookup_ngram).alpha, k) / tv if tv else float("inf")
             options.append(Plan("pld", k, rate))
-        k, rate = self.layer_skip_rate(num_skip, budget)
+        k, rate = self.clasp_rate(num_skip, budget)
         if k > 0:
             options.append(Plan("clasp", k, rate))
         best = max(options, key=lambda p: p.rate, default=Plan("plain", 0, plain))
@@ -160,6 +193,8 @@ class Controller:
         self.plain_streak += 1
         if self.plain_streak >= self.probe_every:  # look again: the text may have become predictable
             self.plain_streak = 0
+            if lookup_len > 0:  # the cheaper probe
+                return Plan("pld", min(lookup_len, budget), best.rate)
             return Plan("clasp", min(2, budget), best.rate)
         return Plan("plain", 0, plain)
 
@@ -169,16 +204,17 @@ class Controller:
         for m in self.candidates:
             if s.acceptance(m).rounds == 0 and s.t_verify(0) is not None:
                 return m
-        scored = [(self.layer_skip_rate(m, self.max_draft)[1], m) for m in self.candidates]
+        scored = [(self.clasp_rate(m, self.max_draft)[1], m) for m in self.candidates]
         return max(scored)[1] if scored else current
 
     def observe(self, source: str, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float,
-                num_skip: int) -> None:
+                num_skip: int, lookup_ngram: int = 2) -> None:
         s = self.state
         s.verify.setdefault(drafted, EMA()).update(verify_seconds)
         if source == "clasp" and drafted:
+            s.realize(("clasp", num_skip), accepted + 1, draft_seconds + verify_seconds)
             # A draft of k tokens ran k forward steps (it stops early on low confidence or EOS).
             s.draft_step.setdefault(num_skip, EMA()).update(draft_seconds / drafted)
             s.acceptance(num_skip).update(drafted, accepted)
         elif source == "pld" and drafted:
-            s.lookup.update(drafted, accepted)
+            s.lookup_acceptance(lookup_ngram).update(drafted, accepted)

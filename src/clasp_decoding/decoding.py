@@ -158,6 +158,7 @@ def _verify(s: Session, drafter: Drafter, draft: Draft) -> list[int]:
     s.stats.drafted += k
     s.stats.accepted += a
     s.stats.accepted_lengths.append(a)
+    s.stats.draft_lengths.append(k)
     s.stats.modes.append(draft.source)
     new = [*draft.tokens[:a], nxt]
     s.tokens.extend(new)

@@ -79,34 +79,39 @@ class LayerSkipDrafter(Drafter):
     def wants_prefill_hidden(self) -> bool:
         return self.dynamic
 
-    def start(self, session: Session, prompt_hidden: torch.Tensor | None, num_skip: int | None = None) -> None:
+    def configure(self, session: Session, num_skip: int | None = None) -> None:
+        """Skip count and draft head for this generation; a fixed skip set if the config gives one."""
         cfg = session.config
-        layers = session.runner.num_layers
-        self.num_skip = num_skip if num_skip is not None else cfg.num_skipped(layers)
+        self.num_skip = num_skip if num_skip is not None else cfg.num_skipped(session.runner.num_layers)
         if cfg.draft_vocab and cfg.draft_vocab < session.runner.vocab_size:
             self.vocab = VocabSubset(session.runner.head, cfg.draft_vocab, session.tokens)
         if cfg.skip_layers is not None:
-            self._use(session, tuple(sorted(set(cfg.skip_layers))))
+            self.use(session, tuple(sorted(set(cfg.skip_layers))))
             self.dynamic = False
-        elif self.dynamic and prompt_hidden is not None:
-            self._select(session, prompt_hidden, session.prompt_len - 1)
-        else:
-            self._use(session, every_other_middle(layers, self.num_skip))
 
-    def _use(self, session: Session, skip: tuple[int, ...]) -> None:
+    def start(self, session: Session, prompt_hidden: torch.Tensor | None, num_skip: int | None = None) -> None:
+        self.configure(session, num_skip)
+        if session.config.skip_layers is not None:
+            return
+        if self.dynamic and prompt_hidden is not None:
+            self.select(session, prompt_hidden, session.prompt_len - 1)
+        else:
+            self.use(session, every_other_middle(session.runner.num_layers, self.num_skip))
+
+    def use(self, session: Session, skip: tuple[int, ...]) -> None:
         self.skip = skip
         dropped = set(skip)
         self.keep = tuple(i for i in session.runner.all_layers if i not in dropped)
         session.stats.skip_sets.append((session.stats.steps, skip))
 
-    def _select(self, session: Session, hidden: torch.Tensor, position: int) -> None:
+    def select(self, session: Session, hidden: torch.Tensor, position: int) -> None:
         """Run CLaSp's DP on the hidden states of the token at ``position`` (already verified)."""
         t0 = time.perf_counter()
         runner, cache = session.runner, session.cache
         skip = clasp_dp(hidden, self.num_skip, lambda i, s: runner.layer_candidates(cache, i - 1, s, position))
         session.stats.time_select += time.perf_counter() - t0
         session.stats.layer_selections += 1
-        self._use(session, skip)
+        self.use(session, skip)
 
     def wants_hidden(self, session: Session) -> bool:
         return self.dynamic and (session.round + 1) % session.config.layer_opt_interval == 0
@@ -114,6 +119,7 @@ class LayerSkipDrafter(Drafter):
     def propose(self, session: Session, max_tokens: int) -> Draft:
         runner, cache, params = session.runner, session.cache, session.params
         threshold = session.config.draft_exit_threshold
+        max_tokens = min(max_tokens, session.config.max_draft_tokens)
         token = torch.tensor([session.last_token], device=runner.device)
         position = session.position
         tokens: list[int] = []
@@ -140,7 +146,7 @@ class LayerSkipDrafter(Drafter):
     def observe(self, session: Session, draft: Draft, accepted: int, hidden: torch.Tensor | None) -> None:
         if self.dynamic and hidden is not None:
             # The last verified input of this round sits at row ``accepted`` of the verification.
-            self._select(session, hidden[:, accepted], session.position - 1)
+            self.select(session, hidden[:, accepted], session.position - 1)
 
 
 class PromptLookupDrafter(Drafter):
@@ -167,15 +173,16 @@ class PromptLookupDrafter(Drafter):
                 self.index[tuple(tokens[end + 1 - n : end + 1])] = end + 1
         self.indexed = max(self.indexed, len(tokens) - 1)
 
-    def lookup(self, tokens: list[int], max_tokens: int) -> list[int]:
-        """The continuation of the longest earlier match of the context's suffix, or ``[]``."""
+    def lookup(self, tokens: list[int], max_tokens: int) -> tuple[list[int], int]:
+        """The continuation of the longest earlier match of the context's suffix and that match's
+        length, or ``([], 0)``."""
         self._extend(tokens)
         for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
             follow = self.index.get(tuple(tokens[-n:]))
             if follow is not None:
-                return tokens[follow : follow + min(max_tokens, self.max_tokens)]
-        return []
+                return tokens[follow : follow + min(max_tokens, self.max_tokens)], n
+        return [], 0
 
     def propose(self, session: Session, max_tokens: int) -> Draft:
-        found = self.lookup(session.tokens, max_tokens)
+        found, _ = self.lookup(session.tokens, max_tokens)
         return Draft(found, None, self.name) if found else Draft([], None, "plain")

@@ -223,6 +223,8 @@ class GraphRunner(ModelRunner):
     @torch.inference_mode()
     def layer_candidates(self, cache: KVCache, index: int, states: torch.Tensor, position: int) -> torch.Tensor:
         n = states.shape[0]
+        if position + 1 < cache.length:
+            raise ValueError(f"DP candidates at position {position} would overwrite verified cache slots")
         if n > self.max_candidates:
             raise ValueError(f"{n} DP candidates exceed max_candidates={self.max_candidates}")
         b = self._cand

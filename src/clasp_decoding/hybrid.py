@@ -4,6 +4,11 @@ layer-skip draft elsewhere, plain decoding when neither pays (see :mod:`.control
 Verification is the loop's, unchanged, so the output is exactly the model's whatever each round chose.
 ``method="hybrid"`` uses both sources; ``method="clasp", adaptive=True`` uses the layer-skip draft alone
 under the same control.
+
+Layer selection costs about one full step, so here it is paid only for the layer-skip draft's sake:
+a generation starts from the skip set last chosen for this model (kept with the controller's
+estimates), runs the DP on the prompt's hidden states only when it first drafts by layer skipping and
+has no such set, and re-runs it every ``layer_opt_interval`` rounds only while layer skipping is in use.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 
 from .controller import Controller, ControllerState
 from .drafters import Draft, Drafter, LayerSkipDrafter, PromptLookupDrafter
+from .layer_select import every_other_middle
 from .session import Session
 
 SKIP_RATIOS = (0.2, 0.3, 0.4, 0.5)
@@ -34,35 +40,61 @@ class HybridDrafter(Drafter):
         self.lookup = PromptLookupDrafter()
         self.skip = LayerSkipDrafter(dynamic=True)
         self.controller: Controller | None = None
-        self.rounds_since_layer_skip = 0
+        self.state: ControllerState | None = None
+        self.prompt_hidden: torch.Tensor | None = None
+        self.ngram = 0
+        self.rounds_since_layer_skip = 1 << 30  # no layer selection until layer skipping is used
+        self.adapt_skip = True
+        self.need_selection = False
 
     def wants_prefill_hidden(self) -> bool:
-        return True
+        return True  # one row of hidden states: nearly free, and the DP may need it later
 
     def start(self, session: Session, prompt_hidden: torch.Tensor | None) -> None:
         cfg = session.config
         if self.use_lookup:
             self.lookup.start(session, prompt_hidden)
         layers = session.runner.num_layers
-        state = controller_state(session.runner)
+        self.state = controller_state(session.runner)
         candidates = {max(1, min(layers - 1, round(r * layers))) for r in SKIP_RATIOS} | {cfg.num_skipped(layers)}
-        self.controller = Controller(state, max_draft=cfg.max_draft_tokens, candidates=sorted(candidates))
-        start_skip = None
-        if cfg.skip_layers is None and cfg.num_skip is None:
-            # Start from the skip count that has served this model best so far.
-            start_skip = self.controller.choose_num_skip(cfg.num_skipped(layers))
-        self.skip.start(session, prompt_hidden, num_skip=start_skip)
+        self.controller = Controller(self.state, max_draft=cfg.max_draft_tokens, candidates=sorted(candidates))
+        self.adapt_skip = cfg.skip_layers is None and cfg.num_skip is None
+        num_skip = self.controller.choose_num_skip(cfg.num_skipped(layers)) if self.adapt_skip else None
+        self.skip.configure(session, num_skip)
+        self.prompt_hidden = prompt_hidden
+        if cfg.skip_layers is None:
+            remembered = self.state.skip_sets.get(self.skip.num_skip)
+            if remembered is not None:
+                self.skip.use(session, remembered)
 
     def wants_hidden(self, session: Session) -> bool:
-        # Layer selection only while the layer-skip draft is in use (or about to be probed).
+        if not self.skip.dynamic:
+            return False
+        if self.need_selection:
+            return True
         return self.skip.wants_hidden(session) and self.rounds_since_layer_skip <= session.config.layer_opt_interval
 
+    def _ensure_skip_set(self, session: Session) -> None:
+        """A skip set for a first layer-skip draft. Right after the prefill the DP runs on the prompt's
+        last token; later the prompt's slots are no longer the cache's edge (the DP's candidates write
+        the slots after their token), so every other middle layer stands in until the next
+        verification brings fresh hidden states for the DP."""
+        if self.skip.skip or not self.skip.num_skip:
+            return
+        if session.generated == 1 and self.prompt_hidden is not None:
+            self.skip.select(session, self.prompt_hidden, session.prompt_len - 1)
+            self.state.skip_sets[self.skip.num_skip] = self.skip.skip
+        else:
+            self.skip.use(session, every_other_middle(session.runner.num_layers, self.skip.num_skip))
+            self.need_selection = True
+
     def propose(self, session: Session, max_tokens: int) -> Draft:
-        found = self.lookup.lookup(session.tokens, max_tokens) if self.use_lookup else []
-        plan = self.controller.plan(self.skip.num_skip, len(found), max_tokens)
+        found, self.ngram = self.lookup.lookup(session.tokens, max_tokens) if self.use_lookup else ([], 0)
+        plan = self.controller.plan(self.skip.num_skip, len(found), max_tokens, self.ngram)
         if plan.source == "pld":
             return Draft(found[: plan.max_tokens], None, "pld")
         if plan.source == "clasp":
+            self._ensure_skip_set(session)
             draft = self.skip.propose(session, plan.max_tokens)
             draft.source = "clasp"
             return draft
@@ -70,8 +102,12 @@ class HybridDrafter(Drafter):
 
     def observe(self, session: Session, draft: Draft, accepted: int, hidden: torch.Tensor | None) -> None:
         self.controller.observe(draft.source, len(draft), accepted, session.verify_seconds, session.draft_seconds,
-                                self.skip.num_skip)
+                                self.skip.num_skip, self.ngram)
         self.rounds_since_layer_skip = 0 if draft.source == "clasp" else self.rounds_since_layer_skip + 1
-        if hidden is not None and self.skip.dynamic and session.config.skip_layers is None and session.config.num_skip is None:
+        if hidden is None or not self.skip.dynamic:
+            return
+        if self.adapt_skip and not self.need_selection:
             self.skip.num_skip = self.controller.choose_num_skip(self.skip.num_skip)
+        self.need_selection = False
         self.skip.observe(session, draft, accepted, hidden)
+        self.state.skip_sets[self.skip.num_skip] = self.skip.skip

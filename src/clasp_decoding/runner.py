@@ -240,6 +240,11 @@ class ModelRunner:
         and the verified cache is never touched.
         """
         n = states.shape[0]
+        if position + 1 < cache.length:
+            raise ValueError(
+                f"DP candidates at position {position} would overwrite verified cache slots "
+                f"{position + 1}..{cache.length - 1}; run them on the last verified token"
+            )
         first = position + 1
         read_len = first + n
         cache.plan(first, n, read_len)

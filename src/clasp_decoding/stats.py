@@ -19,6 +19,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)
     skip_sets: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
     modes: list[str] = field(default_factory=list)
     time_prefill: float = 0.0
@@ -68,5 +69,6 @@ class GenerationStats:
             "layer_selections": self.layer_selections,
             "skip_sets": [{"step": s, "layers": list(layers)} for s, layers in self.skip_sets],
             "accepted_lengths": list(self.accepted_lengths),
+            "draft_lengths": list(self.draft_lengths),
             "modes": list(self.modes),
         }

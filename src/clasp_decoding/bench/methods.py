@@ -99,6 +99,7 @@ class TurnResult:
     drafted: int = 0
     accepted: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)
     skip_sets: list[list] = field(default_factory=list)
     modes: list[str] = field(default_factory=list)
     time_split: dict = field(default_factory=dict)
@@ -129,6 +130,7 @@ def run_turn(model, tokenizer, spec: MethodSpec, base: GenerationConfig, prompt_
         drafted=st.drafted,
         accepted=st.accepted,
         accepted_lengths=list(st.accepted_lengths),
+        draft_lengths=list(st.draft_lengths),
         skip_sets=[[s, list(layers)] for s, layers in st.skip_sets],
         modes=list(st.modes),
         time_split=st.to_dict()["time"],

@@ -152,7 +152,7 @@ def _row(spec: MethodSpec, q: Question, turn: int, repeat: int, prompt_len: int,
     if res is not None:
         row.update(
             new_tokens=len(res.output_ids), seconds=res.seconds, steps=res.steps, drafted=res.drafted,
-            accepted=res.accepted, accepted_lengths=res.accepted_lengths, skip_sets=res.skip_sets, modes=res.modes,
+            accepted=res.accepted, accepted_lengths=res.accepted_lengths, draft_lengths=res.draft_lengths, skip_sets=res.skip_sets, modes=res.modes,
             time_split=res.time_split, output_ids=res.output_ids,
         )
     return row

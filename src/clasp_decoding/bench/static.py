@@ -47,7 +47,7 @@ class StaticSearch:
 
 def _key(model, base: GenerationConfig, max_new_tokens: int, budget: int) -> str:
     ident = json.dumps(
-        [getattr(model.config, "_name_or_path", ""), str(model.dtype), model.config.num_hidden_layers,
+        ["v2", getattr(model.config, "_name_or_path", ""), str(model.dtype), model.config.num_hidden_layers,
          base.draft_exit_threshold, base.max_draft_tokens, base.draft_vocab, max_new_tokens, budget],
     )
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
