@@ -64,7 +64,9 @@ def dp_sets(runner, seq: list[int], positions: list[int], m: int) -> dict[int, t
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--questions", default=str(Path(__file__).resolve().parents[2] / "shared/data/spec_bench/question.jsonl"))
+    ap.add_argument(
+        "--questions", default=str(Path(__file__).resolve().parents[2] / "shared/data/spec_bench/question.jsonl")
+    )
     ap.add_argument("--skips", default="8,11,14")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--per-task", type=int, default=1)

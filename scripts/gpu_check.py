@@ -41,11 +41,25 @@ def llama_config(dry: bool):
     from transformers import LlamaConfig
 
     if dry:
-        return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                       rope_theta=500000.0)
+        return LlamaConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        )
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    )
 
 
 def build(config, dtype, device):
@@ -83,8 +97,15 @@ def greedy_tokens(model, runner, prompt, cfg):
 def check_tiny(device, capture) -> dict:
     from transformers import LlamaConfig
 
-    cfg_model = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg_model = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = build(cfg_model, torch.float32, device)
     runner = use_graphs(model, capacity=256, capture=capture)
@@ -93,8 +114,13 @@ def check_tiny(device, capture) -> dict:
         g = torch.Generator().manual_seed(seed)
         prompt = torch.randint(3, 97, (8 + 3 * seed,), generator=g).tolist()
         with torch.inference_mode():
-            ref = model.generate(torch.tensor([prompt], device=device), max_new_tokens=32, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            ref = model.generate(
+                torch.tensor([prompt], device=device),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         cfg = GenerationConfig(max_new_tokens=32, num_skip=2, draft_exit_threshold=0.0)
         same += greedy_tokens(model, runner, prompt, cfg) == ref
     return {"tiny_fp32_identical": f"{same}/4"}
@@ -126,8 +152,12 @@ def check_big(device, dry, capture, compile_layers, skip_hf) -> dict:
     draft = timed(lambda: runner.forward(cache, one, context, layers=keep, last_only=True), device)
     verify8 = timed(lambda: runner.forward(cache, eight, context), device)
     _, hidden = runner.forward(cache, one, context, last_only=True, collect_hidden=True)
-    dp = timed(lambda: clasp_dp(hidden[:, 0], L // 2, lambda i, s: runner.layer_candidates(cache, i - 1, s, context)),
-               device, repeat=5, warm=1)
+    dp = timed(
+        lambda: clasp_dp(hidden[:, 0], L // 2, lambda i, s: runner.layer_candidates(cache, i - 1, s, context)),
+        device,
+        repeat=5,
+        warm=1,
+    )
     capture_s = time.perf_counter() - t0
     # Plain decoding through the graph runner (the loop included), and transformers' compiled generate.
     n_new = 16 if dry else 64
@@ -158,15 +188,27 @@ def check_big(device, dry, capture, compile_layers, skip_hf) -> dict:
     bw = next((v for k, v in PEAK_BANDWIDTH.items() if k in card), None)
     bound = weight_bytes / bw * 1000 if bw else None
     return {
-        "card": card, "model": "LLaMA-3-8B shape" if not dry else "tiny LLaMA shape (dry run)", "dtype": "bf16",
-        "context": context, "build_s": round(build_s, 1), "prefill_ms": round(prefill_ms, 1),
+        "card": card,
+        "model": "LLaMA-3-8B shape" if not dry else "tiny LLaMA shape (dry run)",
+        "dtype": "bf16",
+        "context": context,
+        "build_s": round(build_s, 1),
+        "prefill_ms": round(prefill_ms, 1),
         "capture_and_timing_s": round(capture_s, 1),
-        "full_step_ms": round(full, 3), "draft_step_50pct_ms": round(draft, 3), "verify_8_ms": round(verify8, 3),
-        "dp_run_ms": round(dp, 3), "ar_ms_per_token": round(ar_ms, 3), "clasp_ms_per_token_random_weights": round(clasp_ms, 3),
+        "full_step_ms": round(full, 3),
+        "draft_step_50pct_ms": round(draft, 3),
+        "verify_8_ms": round(verify8, 3),
+        "dp_run_ms": round(dp, 3),
+        "ar_ms_per_token": round(ar_ms, 3),
+        "clasp_ms_per_token_random_weights": round(clasp_ms, 3),
         "hf_static_compiled_ms_per_token": None if hf_ms is None else round(hf_ms, 3),
         "bandwidth_bound_ms": None if bound is None else round(bound, 3),
-        "ratios": {"draft/full": round(draft / full, 3), "verify8/full": round(verify8 / full, 3),
-                   "dp/full": round(dp / full, 3), "full/bound": None if bound is None else round(full / bound, 3)},
+        "ratios": {
+            "draft/full": round(draft / full, 3),
+            "verify8/full": round(verify8 / full, 3),
+            "dp/full": round(dp / full, 3),
+            "full/bound": None if bound is None else round(full / bound, 3),
+        },
         "greedy_match_bf16_clasp_vs_ar": round(match, 4),
     }
 

@@ -23,7 +23,9 @@ def main() -> int:
     ap.add_argument("--methods", default=None)
     a = ap.parse_args()
     rows = [r for r in read_records(Path(a.out)) if r["status"] == "ok" and r["repeat"] == 0]
-    agg: dict[tuple[str, str], dict] = defaultdict(lambda: {"tokens": 0, "seconds": 0.0, "steps": 0, "task": "", "ids": []})
+    agg: dict[tuple[str, str], dict] = defaultdict(
+        lambda: {"tokens": 0, "seconds": 0.0, "steps": 0, "task": "", "ids": []}
+    )
     for r in rows:
         g = agg[(r["method"], str(r["question_id"]))]
         g["tokens"] += r["new_tokens"]

@@ -18,10 +18,28 @@ def run_json(capsys, *args) -> dict:
 
 
 def test_generate_json_with_compare(capsys, tiny_model_dir):
-    out = run_json(capsys, "--model", str(tiny_model_dir), "--dtype", "fp32", "-n", "24", "--compare", "--num-skip", "2",
-                   "A hash table")
-    for key in ("text", "new_tokens", "mean_accepted_tokens", "tokens_per_second", "baseline_tokens_per_second",
-                "speedup", "identical"):
+    out = run_json(
+        capsys,
+        "--model",
+        str(tiny_model_dir),
+        "--dtype",
+        "fp32",
+        "-n",
+        "24",
+        "--compare",
+        "--num-skip",
+        "2",
+        "A hash table",
+    )
+    for key in (
+        "text",
+        "new_tokens",
+        "mean_accepted_tokens",
+        "tokens_per_second",
+        "baseline_tokens_per_second",
+        "speedup",
+        "identical",
+    ):
         assert key in out
     assert out["identical"] is True
     assert out["new_tokens"] == out["stats"]["new_tokens"] > 0
@@ -29,8 +47,21 @@ def test_generate_json_with_compare(capsys, tiny_model_dir):
 
 
 def test_sampling_compare_reports_identical_as_not_applicable(capsys, tiny_model_dir):
-    out = run_json(capsys, "--model", str(tiny_model_dir), "-n", "8", "--compare", "--temperature", "0.8", "--seed", "3",
-                   "--top-p", "0.9", "hello")
+    out = run_json(
+        capsys,
+        "--model",
+        str(tiny_model_dir),
+        "-n",
+        "8",
+        "--compare",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--top-p",
+        "0.9",
+        "hello",
+    )
     assert out["identical"] is None
 
 
@@ -84,7 +115,10 @@ def test_console_entry_point(tiny_model_dir):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, "-m", "clasp_decoding", "generate", "--json", "-n", "4", "--model", str(tiny_model_dir), "hi"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["new_tokens"] > 0

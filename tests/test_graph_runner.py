@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, hf_greedy, random_prompt, tiny_model
 
 from clasp_decoding.api import use_graphs
 from clasp_decoding.config import GenerationConfig
 from clasp_decoding.decoding import decode, start_session
 from clasp_decoding.runner import ModelRunner
+from conftest import ARCHS, hf_greedy, random_prompt, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -55,8 +55,14 @@ def test_static_path_generates_the_same_tokens(arch, method):
         prompt = random_prompt(700 + seed, 7) * 2
         ref = hf_greedy(model, prompt, 40)
         runner = use_graphs(model, capacity=128, capture=False)
-        cfg = GenerationConfig(max_new_tokens=40, method=method, num_skip=2, draft_exit_threshold=0.0,
-                               layer_opt_interval=3, lookup_min_ngram=1)
+        cfg = GenerationConfig(
+            max_new_tokens=40,
+            method=method,
+            num_skip=2,
+            draft_exit_threshold=0.0,
+            layer_opt_interval=3,
+            lookup_min_ngram=1,
+        )
         s = start_session(runner, prompt, cfg, set())
         out = [t for chunk in decode(runner, prompt, cfg, set(), None, s) for t in chunk]
         assert out == ref, (arch, method, seed)

@@ -86,7 +86,9 @@ def test_eos_inside_a_draft_stops_exactly_there(arch):
         eos = free[12]
         ref = hf_greedy(model, prompt, 30, eos=eos)
         assert ref[-1] == eos and len(ref) <= 13
-        cfg = GenerationConfig(max_new_tokens=30, method="clasp", num_skip=1, draft_exit_threshold=0.0, max_draft_tokens=8)
+        cfg = GenerationConfig(
+            max_new_tokens=30, method="clasp", num_skip=1, draft_exit_threshold=0.0, max_draft_tokens=8
+        )
         chunks = []
         out, session = run(model, prompt, cfg, eos=[eos], chunks=chunks)
         assert out == ref
@@ -103,8 +105,14 @@ def test_token_limit_reached_mid_draft(max_new):
     prompt = random_prompt(7, 8)
     ref = hf_greedy(model, prompt, max_new)
     for method in ("clasp", "pld"):
-        cfg = GenerationConfig(max_new_tokens=max_new, method=method, num_skip=1, draft_exit_threshold=0.0,
-                               max_draft_tokens=8, lookup_min_ngram=1)
+        cfg = GenerationConfig(
+            max_new_tokens=max_new,
+            method=method,
+            num_skip=1,
+            draft_exit_threshold=0.0,
+            max_draft_tokens=8,
+            lookup_min_ngram=1,
+        )
         out, session = run(model, prompt, cfg)
         assert out == ref
         assert session.stats.new_tokens == max_new
@@ -132,8 +140,12 @@ def test_many_prompts_and_lengths():
         prompt = random_prompt(400 + i, 1 + 3 * i)
         ref = hf_greedy(model, prompt, 32)
         cfg = GenerationConfig(
-            max_new_tokens=32, method="clasp", num_skip=1 + i % 5, draft_exit_threshold=(0.0, 0.5, 0.9)[i % 3],
-            max_draft_tokens=1 + i % 7, layer_opt_interval=1 + i % 4,
+            max_new_tokens=32,
+            method="clasp",
+            num_skip=1 + i % 5,
+            draft_exit_threshold=(0.0, 0.5, 0.9)[i % 3],
+            max_draft_tokens=1 + i % 7,
+            layer_opt_interval=1 + i % 4,
         )
         out, _ = run(model, prompt, cfg)
         assert out == ref, i

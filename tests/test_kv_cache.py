@@ -49,5 +49,9 @@ def test_rollback_leaves_exactly_the_verified_state(arch):
     fresh = runner.new_cache(n + 1)
     runner.forward(fresh, torch.tensor(session.tokens[:n]), 0)
     for layer in range(runner.num_layers):
-        torch.testing.assert_close(session.cache.keys[layer][:, :, :n], fresh.keys[layer][:, :, :n], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(session.cache.values[layer][:, :, :n], fresh.values[layer][:, :, :n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            session.cache.keys[layer][:, :, :n], fresh.keys[layer][:, :, :n], rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            session.cache.values[layer][:, :, :n], fresh.values[layer][:, :, :n], rtol=1e-4, atol=1e-5
+        )

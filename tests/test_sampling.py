@@ -103,7 +103,9 @@ def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor, min_expect
     keep = exp > 0
     stat = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
     dof = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    )
 
 
 VOCAB, STEPS, PROMPT = 6, 3, [3, 1, 4, 1, 5]
@@ -144,7 +146,9 @@ def sample_many(model, cfg: GenerationConfig, n: int) -> torch.Tensor:
 
 
 LOSSLESS = [
-    dict(method="clasp", temperature=1.0, num_skip=2, draft_exit_threshold=0.0, max_draft_tokens=3, layer_opt_interval=1),
+    dict(
+        method="clasp", temperature=1.0, num_skip=2, draft_exit_threshold=0.0, max_draft_tokens=3, layer_opt_interval=1
+    ),
     dict(method="static", temperature=0.7, skip_layers=(1, 2), draft_exit_threshold=0.0, max_draft_tokens=3, top_k=4),
     dict(method="clasp", temperature=1.0, num_skip=1, draft_exit_threshold=0.4, max_draft_tokens=2, top_p=0.9),
     dict(method="pld", temperature=1.0, lookup_min_ngram=1, lookup_max_ngram=2),
@@ -184,8 +188,14 @@ def resample_from_p(draft, draft_probs, target_probs, generator):
 def test_the_statistical_test_catches_planted_bugs(small_vocab_model, monkeypatch, bug):
     """The same test, at the same strict level, must reject a loop whose acceptance is subtly wrong."""
     monkeypatch.setattr("clasp_decoding.decoding.speculative_accept", bug)
-    cfg = GenerationConfig(max_new_tokens=STEPS, method="static", temperature=1.0, skip_layers=(0, 1, 2),
-                           draft_exit_threshold=0.0, max_draft_tokens=3)
+    cfg = GenerationConfig(
+        max_new_tokens=STEPS,
+        method="static",
+        temperature=1.0,
+        skip_layers=(0, 1, 2),
+        draft_exit_threshold=0.0,
+        max_draft_tokens=3,
+    )
     exact = exact_distribution(small_vocab_model, cfg.sampling)
     n = 3000
     counts = sample_many(small_vocab_model, cfg, n)

@@ -34,7 +34,9 @@ class LiveServer:
         # The model is served under the name "tiny": a folder path is also a valid --model.
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _LAUNCH, str(model_dir), str(self.port), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -111,8 +113,14 @@ def test_openai_client_chat_and_completions(server, local):
     assert extra["method"] == "clasp" and extra["mean_accepted_tokens"] >= 1.0
 
     pieces, finish, usage = [], None, None
-    for ev in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
-                                             stream=True, stream_options={"include_usage": True}):
+    for ev in client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if ev.choices:
             pieces.append(ev.choices[0].delta.content or "")
             finish = ev.choices[0].finish_reason or finish
@@ -125,29 +133,51 @@ def test_openai_client_chat_and_completions(server, local):
     want_raw = generate(model, tok, "Recursion is", max_new_tokens=20, raw=True).text
     comp = client.completions.create(model=MODEL, prompt="Recursion is", max_tokens=20, temperature=0)
     assert comp.choices[0].text == want_raw
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="Recursion is", max_tokens=20, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="Recursion is", max_tokens=20, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == want_raw
 
 
 def test_plain_decoding_switch_and_stop(server, local):
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
-        "model": MODEL, "messages": [{"role": "user", "content": "Recursion"}], "max_tokens": 20, "clasp": False})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Recursion"}], "max_tokens": 20, "clasp": False},
+    )
     body = r.json()
     assert r.status_code == 200 and body["clasp"]["method"] == "ar" and body["clasp"]["drafted"] == 0
     text = body["choices"][0]["message"]["content"]
     assert text == expected_chat(local, [{"role": "user", "content": "Recursion"}], 20)
     if len(text) > 6:
         stop = text[3:6]
-        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "messages": [{"role": "user", "content": "Recursion"}], "max_tokens": 20, "stop": stop})
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Recursion"}],
+                "max_tokens": 20,
+                "stop": stop,
+            },
+        )
         assert r.json()["choices"][0]["message"]["content"] == text[: text.find(stop)]
         assert r.json()["choices"][0]["finish_reason"] == "stop"
 
 
 def test_sampling_with_seed_is_reproducible(server):
-    req = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16,
-           "temperature": 0.9, "top_p": 0.95, "seed": 7}
+    req = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 16,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "seed": 7,
+    }
     a = httpx.post(server.url + "/v1/chat/completions", json=req, timeout=60).json()
     b = httpx.post(server.url + "/v1/chat/completions", json=req, timeout=60).json()
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
@@ -172,7 +202,12 @@ OK_MSG = [{"role": "user", "content": "hi"}]
         (CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
         (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "  "}]}, 400, "no text"),
         (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
-        (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "hash " * 600}]}, 400, "maximum context length"),
+        (
+            CHAT,
+            {"model": MODEL, "messages": [{"role": "user", "content": "hash " * 600}]},
+            400,
+            "maximum context length",
+        ),
         (CHAT, {"model": MODEL, "messages": OK_MSG, "max_tokens": -5}, 400, "max_tokens must be at least 1"),
         (CHAT, {"model": MODEL, "messages": OK_MSG, "max_tokens": 0}, 400, "max_tokens must be at least 1"),
         (CHAT, {"model": MODEL, "messages": OK_MSG, "max_tokens": 100000}, 400, "max_tokens can be at most"),
@@ -236,8 +271,16 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, disconnect_af
         return 200, text, time.perf_counter() - t0
 
 
-PROMPTS = ["A hash table maps keys", "Recursion is", "def add(a, b):", "Translate: Guten Morgen", "The quick brown fox",
-           "1 + 1 = 2, 2 * 3 =", "Café naïve", "Collisions are handled by"]
+PROMPTS = [
+    "A hash table maps keys",
+    "Recursion is",
+    "def add(a, b):",
+    "Translate: Guten Morgen",
+    "The quick brown fox",
+    "1 + 1 = 2, 2 * 3 =",
+    "Café naïve",
+    "Collisions are handled by",
+]
 
 
 @pytest.mark.slow
@@ -251,13 +294,28 @@ def test_load_32_concurrent_streaming_clients(server, local):
 
     async def one_round():
         async with httpx.AsyncClient(timeout=120) as client:
-            jobs = [_stream(client, url, {"model": MODEL, "messages": [{"role": "user", "content": p}], "max_tokens": n,
-                                          "stream": True}) for p, n in valid]
+            jobs = [
+                _stream(
+                    client,
+                    url,
+                    {"model": MODEL, "messages": [{"role": "user", "content": p}], "max_tokens": n, "stream": True},
+                )
+                for p, n in valid
+            ]
             jobs += [_stream(client, url, {"model": MODEL, "messages": [], "stream": True}) for _ in range(3)]
-            jobs += [_stream(client, url, {"model": MODEL, "messages": OK_MSG, "stream": True, "temperature": 9})
-                     for _ in range(3)]
-            jobs += [_stream(client, url, {"model": MODEL, "messages": [{"role": "user", "content": p}],
-                                           "max_tokens": 60, "stream": True}, disconnect_after=2) for p in PROMPTS[:6]]
+            jobs += [
+                _stream(client, url, {"model": MODEL, "messages": OK_MSG, "stream": True, "temperature": 9})
+                for _ in range(3)
+            ]
+            jobs += [
+                _stream(
+                    client,
+                    url,
+                    {"model": MODEL, "messages": [{"role": "user", "content": p}], "max_tokens": 60, "stream": True},
+                    disconnect_after=2,
+                )
+                for p in PROMPTS[:6]
+            ]
             return await asyncio.gather(*jobs)
 
     rss = []
@@ -277,9 +335,17 @@ def test_load_32_concurrent_streaming_clients(server, local):
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
     assert "clasp_requests_total" in metrics and 'status="cancelled"' in metrics
     lat = [s for f in figures for s in f]
-    report = {"clients_per_round": 32, "rounds": 3, "valid": 60, "invalid": 18, "disconnected": 18, "failures": 0,
-              "p50_s": round(statistics.median(lat), 3), "p95_s": round(sorted(lat)[int(0.95 * len(lat)) - 1], 3),
-              "rss_mb": [round(x, 1) for x in rss]}
+    report = {
+        "clients_per_round": 32,
+        "rounds": 3,
+        "valid": 60,
+        "invalid": 18,
+        "disconnected": 18,
+        "failures": 0,
+        "p50_s": round(statistics.median(lat), 3),
+        "p95_s": round(sorted(lat)[int(0.95 * len(lat)) - 1], 3),
+        "rss_mb": [round(x, 1) for x in rss],
+    }
     print("\nload test:", json.dumps(report))
 
 
@@ -287,8 +353,12 @@ def test_queue_limit_and_timeout(tiny_model_dir):
     """A full queue answers 429 at once; a request past its time limit gets 504; neither hurts others."""
     s = LiveServer(tiny_model_dir, "--max-queue", "1", "--timeout", "0.4")
     try:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "A hash table maps keys"}], "max_tokens": 440,
-                "clasp": False}
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "A hash table maps keys"}],
+            "max_tokens": 440,
+            "clasp": False,
+        }
 
         async def burst():
             async with httpx.AsyncClient(timeout=60) as client:

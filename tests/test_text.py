@@ -46,7 +46,11 @@ def test_chat_template_and_raw(tiny_tokenizer):
     raw = encode_prompt(tiny_tokenizer, "hello", raw=True)
     assert len(chat) > len(raw)
     assert tiny_tokenizer.decode(chat).startswith("<|user|>hello")
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "and?"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "and?"},
+    ]
     assert tiny_tokenizer.decode(encode_prompt(tiny_tokenizer, msgs)).endswith("<|assistant|>")
     assert encode_prompt(tiny_tokenizer, [5, 6, 7]) == [5, 6, 7]
 

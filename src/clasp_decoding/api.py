@@ -136,7 +136,9 @@ def generate(
             callback(piece)
 
 
-def stream(model, tokenizer, prompt: Prompt, config: GenerationConfig | None = None, *, raw: bool = False, **overrides) -> Iterator[str]:
+def stream(
+    model, tokenizer, prompt: Prompt, config: GenerationConfig | None = None, *, raw: bool = False, **overrides
+) -> Iterator[str]:
     """An iterator of text pieces (whole UTF-8 characters) as they are generated."""
     for piece, _ in stream_tokens(model, tokenizer, prompt, config, raw=raw, **overrides):
         if piece:

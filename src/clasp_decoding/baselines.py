@@ -33,7 +33,9 @@ def hf_generation_config(config: GenerationConfig, eos_ids, pad_id: int | None):
 
 
 @torch.inference_mode()
-def hf_generate(model, tokenizer, prompt_ids: list[int], config: GenerationConfig, eos_ids, **hf_kwargs) -> tuple[list[int], float]:
+def hf_generate(
+    model, tokenizer, prompt_ids: list[int], config: GenerationConfig, eos_ids, **hf_kwargs
+) -> tuple[list[int], float]:
     """Run ``model.generate`` on ``prompt_ids``; return the new token ids and the wall time in seconds.
 
     Its fastest configuration per device: on CUDA a static cache (which ``transformers`` compiles); on

@@ -14,10 +14,16 @@ from .models import BUILTIN_MODELS, DEFAULT_MODEL
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"built-in name ({', '.join(BUILTIN_MODELS)}), hub id, local folder or .gguf file "
-                        f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware is fast at it, else fp32), bf16, fp32")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help=f"built-in name ({', '.join(BUILTIN_MODELS)}), hub id, local folder or .gguf file "
+        f"(default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--dtype", default="auto", help="auto (bf16 where the hardware is fast at it, else fp32), bf16, fp32"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
@@ -33,14 +39,17 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("CLaSp")
     c.add_argument("--method", choices=METHODS, default=d.method)
     c.add_argument("--skip-ratio", type=float, default=d.skip_ratio, help="fraction of layers the draft skips")
-    c.add_argument("--num-skip", type=int, default=None, help="number of layers the draft skips (overrides --skip-ratio)")
+    c.add_argument(
+        "--num-skip", type=int, default=None, help="number of layers the draft skips (overrides --skip-ratio)"
+    )
     c.add_argument("--skip-layers", default=None, help="fixed skip set for --method static, e.g. 3,5,7")
     c.add_argument("--det", type=float, default=d.draft_exit_threshold, help="draft-exiting threshold")
     c.add_argument("--max-draft", type=int, default=d.max_draft_tokens, help="maximum draft length per round")
     c.add_argument("--loi", type=int, default=d.layer_opt_interval, help="layer optimization interval (rounds)")
     c.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="draft head vocabulary size (0 = full)")
-    c.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=d.adaptive,
-                   help="cost-aware control of drafting")
+    c.add_argument(
+        "--adaptive", action=argparse.BooleanOptionalAction, default=d.adaptive, help="cost-aware control of drafting"
+    )
 
 
 def config_from_args(a: argparse.Namespace) -> GenerationConfig:
@@ -139,9 +148,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
     config = config_from_args(a)
     if a.max_queue < 1 or a.timeout <= 0 or a.default_max_tokens < 1:
         raise ClaspError("--max-queue, --timeout and --default-max-tokens must be positive.")
-    serve(a.model, host=a.host, port=a.port, dtype=a.dtype, device=a.device, base_config=config,
-          max_queue=a.max_queue, request_timeout=a.timeout, default_max_tokens=a.default_max_tokens,
-          log_level=a.log_level)
+    serve(
+        a.model,
+        host=a.host,
+        port=a.port,
+        dtype=a.dtype,
+        device=a.device,
+        base_config=config,
+        max_queue=a.max_queue,
+        request_timeout=a.timeout,
+        default_max_tokens=a.default_max_tokens,
+        log_level=a.log_level,
+    )
     return 0
 
 

@@ -105,7 +105,13 @@ class GenerationConfig:
             bad(f"num_skip must be a positive integer, got {self.num_skip!r}.")
         if not 0 <= self.draft_exit_threshold <= 1:
             bad(f"draft_exit_threshold must be in [0, 1], got {self.draft_exit_threshold}.")
-        for name in ("max_draft_tokens", "layer_opt_interval", "lookup_min_ngram", "lookup_max_ngram", "lookup_max_tokens"):
+        for name in (
+            "max_draft_tokens",
+            "layer_opt_interval",
+            "lookup_min_ngram",
+            "lookup_max_ngram",
+            "lookup_max_tokens",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"{name} must be a positive integer, got {value!r}.")
@@ -117,7 +123,9 @@ class GenerationConfig:
             if self.skip_layers is not None:
                 wrong = [i for i in self.skip_layers if not isinstance(i, int) or not 0 <= i < num_layers]
                 if wrong:
-                    bad(f"skip_layers {wrong} are not layer indices of a {num_layers}-layer model (0..{num_layers - 1}).")
+                    bad(
+                        f"skip_layers {wrong} are not layer indices of a {num_layers}-layer model (0..{num_layers - 1})."
+                    )
                 if len(set(self.skip_layers)) >= num_layers:
                     bad("skip_layers must leave at least one layer to run.")
             self.num_skipped(num_layers)

@@ -4,15 +4,20 @@ far as pays, or not at all when plain decoding is faster.
 It keeps exponentially weighted estimates of what it measures online:
 
 - the verification time for each number of verified tokens (``t_v(k)``; ``t_v(0)`` is a plain step),
-- the time of one draft step for each skip count ``M`` (``t_d(M)``),
-- the per-token acceptance probability ``alpha`` of each draft source (per ``M`` for layer skipping,
-  per matched n-gram length for prompt lookup).
+- the tokens and seconds of layer-skip rounds for each skip count ``M`` (layer selection included),
+- prompt lookup's per-token acceptance probability ``alpha_n`` per matched n-gram length ``n``.
 
-A draft of ``k`` tokens whose tokens are each accepted with probability ``alpha`` (given the previous one
-was) yields ``1 + alpha (1 - alpha^k) / (1 - alpha)`` tokens per round, at a cost of ``k t_d + t_v(k)``.
-The controller picks the source and ``k`` that maximise that ratio, caps the ratio by the tokens per
-second such rounds have actually delivered (which includes early exits the model ignores), and
-compares it with ``1 / t_v(0)`` (with a 2% margin).
+Each round it compares the expected tokens per second of its options with plain decoding's
+``1 / t_v(0)`` (with a 2% margin):
+
+- prompt lookup, when the context offers a match of ``n`` tokens and ``k`` continuation tokens: a draft
+  whose tokens are each accepted with probability ``alpha_n`` (given the previous one was) yields
+  ``1 + alpha_n (1 - alpha_n^k) / (1 - alpha_n)`` tokens for ``t_v(k)`` (a lookup costs nothing);
+- the layer-skip draft at skip count ``M``: the tokens per second such rounds actually delivered
+  (running means of tokens and of seconds), since the draft-exiting threshold makes their length
+  vary. It drafts up to ``max_draft_tokens`` and stops at the first unconfident token; a skip count
+  with too few rounds yet is assumed 1.5 times as fast as plain decoding, so that it is tried unless
+  prompt lookup promises more.
 When drafting cannot pay it decodes plainly, and probes with a short draft every ``probe_every`` rounds
 so that a change in the text is noticed. The skip count ``M`` is chosen the same way at each layer
 selection, among a few candidates, unexplored ones first.
@@ -81,8 +86,6 @@ class ControllerState:
 
     num_layers: int
     verify: dict[int, EMA] = field(default_factory=dict)
-    draft_step: dict[int, EMA] = field(default_factory=dict)
-    layer_skip: dict[int, Acceptance] = field(default_factory=dict)
     lookup: dict[int, Acceptance] = field(default_factory=dict)
     skip_sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # the last DP result per skip count
     realized: dict[tuple, tuple[EMA, EMA]] = field(default_factory=dict)
@@ -120,53 +123,40 @@ class ControllerState:
         nearest = min(known, key=lambda n: (abs(n - k), -n))
         return known[nearest]
 
-    def t_draft(self, num_skip: int) -> float | None:
-        """Measured draft-step time at ``num_skip``; else scaled from another skip count by layers run."""
-        e = self.draft_step.get(num_skip)
-        if e is not None and e.value is not None:
-            return e.value
-        for m, other in self.draft_step.items():
-            if other.value is not None:
-                return other.value * (self.num_layers - num_skip) / max(1, self.num_layers - m)
-        t0 = self.t_verify(0)
-        return None if t0 is None else t0 * (self.num_layers - num_skip) / self.num_layers
-
-    def acceptance(self, num_skip: int) -> Acceptance:
-        if num_skip not in self.layer_skip:
-            self.layer_skip[num_skip] = Acceptance()
-        return self.layer_skip[num_skip]
-
 
 class Controller:
     """Decides each round's draft source and length, and the skip count at each layer selection."""
 
-    def __init__(self, state: ControllerState, *, max_draft: int, candidates: list[int], probe_every: int = 12,
-                 margin: float = 1.02) -> None:
+    def __init__(
+        self,
+        state: ControllerState,
+        *,
+        max_draft: int,
+        candidates: list[int],
+        probe_every: int = 12,
+        margin: float = 1.02,
+    ) -> None:
         self.state = state
         self.max_draft = max_draft
         self.candidates = sorted(set(candidates))
         self.probe_every = probe_every
         self.margin = margin
+        self.explore_gain = 1.5
         self.plain_streak = 0
 
-    def layer_skip_rate(self, num_skip: int, budget: int) -> tuple[int, float]:
-        """Best draft length and its expected rate for layer skipping at ``num_skip``."""
-        s = self.state
-        td, alpha = s.t_draft(num_skip), s.acceptance(num_skip).alpha
-        best_k, best = 0, 0.0
-        if td is None or s.t_verify(0) is None:
-            return min(self.max_draft, budget), float("inf")  # nothing measured yet: draft and learn
-        for k in range(1, min(self.max_draft, budget) + 1):
-            rate = expected_tokens(alpha, k) / (k * td + s.t_verify(k))
-            if rate > best:
-                best_k, best = k, rate
-        return best_k, best
-
     def clasp_rate(self, num_skip: int, budget: int) -> tuple[int, float]:
-        """Like :meth:`layer_skip_rate`, but never more optimistic than what such rounds really gave."""
-        k, rate = self.layer_skip_rate(num_skip, budget)
+        """Draft length and expected tokens/s for layer skipping at ``num_skip``.
+
+        The length is the cap (``max_draft_tokens``, the budget): within it the draft-exiting threshold
+        stops the draft at the first unconfident token, which is a sharper per-token decision than any
+        length fixed in advance. The rate is what such rounds really delivered (a ratio of running means
+        of tokens and seconds, early exits included); a skip count without enough rounds yet is tried."""
+        k = min(self.max_draft, budget)
         seen = self.state.realized_rate(("clasp", num_skip))
-        return k, rate if seen is None else min(rate, seen)
+        if seen is None:  # untried: assume it beats plain decoding by half, so that it gets tried
+            t0 = self.state.t_verify(0)
+            return k, (self.explore_gain / t0) if t0 else float("inf")
+        return k, seen
 
     def plan(self, num_skip: int, lookup_len: int, budget: int, lookup_ngram: int = 2) -> Plan:
         """This round: draft from prompt lookup (when it found ``lookup_len`` tokens after a match of
@@ -184,7 +174,7 @@ class Controller:
             rate = expected_tokens(s.lookup_acceptance(lookup_ngram).alpha, k) / tv if tv else float("inf")
             options.append(Plan("pld", k, rate))
         k, rate = self.clasp_rate(num_skip, budget)
-        if k > 0:
+        if k > 0 and s.t_verify(0) is not None:  # the first round is plain: it measures the reference
             options.append(Plan("clasp", k, rate))
         best = max(options, key=lambda p: p.rate, default=Plan("plain", 0, plain))
         if best.rate > plain * self.margin:
@@ -195,26 +185,36 @@ class Controller:
             self.plain_streak = 0
             if lookup_len > 0:  # the cheaper probe
                 return Plan("pld", min(lookup_len, budget), best.rate)
-            return Plan("clasp", min(2, budget), best.rate)
+            # A probe is a real round (same cap), so that its measured rate means what it says.
+            return Plan("clasp", min(self.max_draft, budget), best.rate)
         return Plan("plain", 0, plain)
 
     def choose_num_skip(self, current: int) -> int:
         """The skip count for the next stretch: an unexplored candidate first, then the best expected rate."""
         s = self.state
         for m in self.candidates:
-            if s.acceptance(m).rounds == 0 and s.t_verify(0) is not None:
+            if s.realized_rate(("clasp", m)) is None and s.t_verify(0) is not None:
                 return m
         scored = [(self.clasp_rate(m, self.max_draft)[1], m) for m in self.candidates]
         return max(scored)[1] if scored else current
 
-    def observe(self, source: str, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float,
-                num_skip: int, lookup_ngram: int = 2) -> None:
+    def charge_selection(self, num_skip: int, seconds: float) -> None:
+        """Layer selection serves the layer-skip draft: its cost counts against that draft's rate."""
+        self.state.realize(("clasp", num_skip), 0, seconds)
+
+    def observe(
+        self,
+        source: str,
+        drafted: int,
+        accepted: int,
+        verify_seconds: float,
+        draft_seconds: float,
+        num_skip: int,
+        lookup_ngram: int = 2,
+    ) -> None:
         s = self.state
         s.verify.setdefault(drafted, EMA()).update(verify_seconds)
         if source == "clasp" and drafted:
             s.realize(("clasp", num_skip), accepted + 1, draft_seconds + verify_seconds)
-            # A draft of k tokens ran k forward steps (it stops early on low confidence or EOS).
-            s.draft_step.setdefault(num_skip, EMA()).update(draft_seconds / drafted)
-            s.acceptance(num_skip).update(drafted, accepted)
         elif source == "pld" and drafted:
             s.lookup_acceptance(lookup_ngram).update(drafted, accepted)

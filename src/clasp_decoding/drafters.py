@@ -162,7 +162,11 @@ class PromptLookupDrafter(Drafter):
 
     def start(self, session: Session, prompt_hidden: torch.Tensor | None) -> None:
         cfg = session.config
-        self.min_ngram, self.max_ngram, self.max_tokens = cfg.lookup_min_ngram, cfg.lookup_max_ngram, cfg.lookup_max_tokens
+        self.min_ngram, self.max_ngram, self.max_tokens = (
+            cfg.lookup_min_ngram,
+            cfg.lookup_max_ngram,
+            cfg.lookup_max_tokens,
+        )
         self.index, self.indexed = {}, 0
         self._extend(session.tokens)
 

@@ -62,7 +62,9 @@ class _Bucket:
         self.offsets = torch.arange(size, device=dev)
         self.hidden = torch.zeros(1, size, d, dtype=dt, device=dev)
         self.states = torch.zeros(runner.num_layers + 1, size, d, dtype=dt, device=dev) if with_states else None
-        self.masks = {k: torch.zeros(1, 1, size, runner.capacity, dtype=dt, device=dev) for k in set(runner.layer_types)}
+        self.masks = {
+            k: torch.zeros(1, 1, size, runner.capacity, dtype=dt, device=dev) for k in set(runner.layer_types)
+        }
         self.pe: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.logits: torch.Tensor | None = None
 
@@ -70,8 +72,16 @@ class _Bucket:
 class GraphRunner(ModelRunner):
     """A :class:`ModelRunner` whose calls replay CUDA graphs over static buffers (see module doc)."""
 
-    def __init__(self, model, capacity: int = 4096, *, buckets: Sequence[int] = (1, 2, 4, 8, 16),
-                 max_candidates: int = 32, capture: bool | None = None, compile_layers: bool = False) -> None:
+    def __init__(
+        self,
+        model,
+        capacity: int = 4096,
+        *,
+        buckets: Sequence[int] = (1, 2, 4, 8, 16),
+        max_candidates: int = 32,
+        capture: bool | None = None,
+        compile_layers: bool = False,
+    ) -> None:
         super().__init__(model)
         self.buckets = tuple(sorted(set(buckets)))
         self.capacity = capacity + self.buckets[-1] + max_candidates + 1  # room for padded rows and the DP
@@ -144,8 +154,12 @@ class GraphRunner(ModelRunner):
         def run() -> None:
             self.cache.slot_index = b.slots
             out = self._layer_fns[i](
-                b.hidden, attention_mask=b.masks[kind], position_embeddings=b.pe[kind], position_ids=b.positions,
-                **{self._cache_kw: self.cache}, **extra,
+                b.hidden,
+                attention_mask=b.masks[kind],
+                position_embeddings=b.pe[kind],
+                position_ids=b.positions,
+                **{self._cache_kw: self.cache},
+                **extra,
             )
             out = out[0] if isinstance(out, tuple) else out
             b.hidden.copy_(out)
@@ -195,8 +209,17 @@ class GraphRunner(ModelRunner):
     # ------------------------------------------------------------------ the runner interface
 
     @torch.inference_mode()
-    def forward(self, cache: KVCache, tokens: torch.Tensor, start: int, *, layers: Sequence[int] | None = None,
-                last_only: bool = False, collect_hidden: bool = False, vocab: VocabSubset | None = None):
+    def forward(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        start: int,
+        *,
+        layers: Sequence[int] | None = None,
+        last_only: bool = False,
+        collect_hidden: bool = False,
+        vocab: VocabSubset | None = None,
+    ):
         q = tokens.shape[-1]
         graphs = q <= self.buckets[-1]
         # A prompt longer than the largest bucket runs the same static steps eagerly, in one call.

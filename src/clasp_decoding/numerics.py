@@ -87,7 +87,9 @@ def _make_backend(inner_name: str):
             row_mask = None
             if attention_mask is not None and (clasp_rows.sliding or inner_name == "eager"):
                 row_mask = attention_mask[:, :, i : i + 1, :end]
-            out, _ = inner(module, query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], row_mask, *args, **kwargs)
+            out, _ = inner(
+                module, query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], row_mask, *args, **kwargs
+            )
             outs.append(out)
         return torch.cat(outs, dim=1), None
 

@@ -39,11 +39,7 @@ class ModelParts:
 
 def _parts(model: nn.Module) -> ModelParts:
     decoder = getattr(model, "model", None)
-    missing = [
-        name
-        for name, owner in (("model", model), ("lm_head", model))
-        if getattr(owner, name, None) is None
-    ]
+    missing = [name for name, owner in (("model", model), ("lm_head", model)) if getattr(owner, name, None) is None]
     if decoder is not None:
         missing += [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if getattr(decoder, n, None) is None]
     if missing:
@@ -59,7 +55,9 @@ def check_supported(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` with a clear sentence if the runner cannot drive ``model``."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; CLaSp needs a decoder-only LM.")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model; CLaSp needs a decoder-only LM."
+        )
     _parts(model)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if not kinds <= SUPPORTED_LAYER_TYPES:
@@ -80,10 +78,12 @@ class VocabSubset:
         vocab = weight.shape[0]
         limit = min(limit, vocab)
         extra_ids = sorted({int(i) for i in extra if limit <= int(i) < vocab})
-        self.ids = torch.cat([
-            torch.arange(limit, device=weight.device),
-            torch.tensor(extra_ids, dtype=torch.long, device=weight.device),
-        ])
+        self.ids = torch.cat(
+            [
+                torch.arange(limit, device=weight.device),
+                torch.tensor(extra_ids, dtype=torch.long, device=weight.device),
+            ]
+        )
         self.size = int(self.ids.shape[0])
         self.vocab_size = vocab
         bias = getattr(head, "bias", None)
@@ -113,16 +113,24 @@ class ModelRunner:
         self.config = model.config
         parts = _parts(model)
         self.embed, self.layers, self.norm, self.rotary, self.head = (
-            parts.embed, parts.layers, parts.norm, parts.rotary, parts.head
+            parts.embed,
+            parts.layers,
+            parts.norm,
+            parts.rotary,
+            parts.head,
         )
         self.num_layers = len(self.layers)
         self.all_layers: tuple[int, ...] = tuple(range(self.num_layers))
-        self.layer_types: list[str] = list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers)
+        self.layer_types: list[str] = list(
+            getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers
+        )
         window = getattr(self.config, "sliding_window", None)
         self.sliding_window: int | None = window if "sliding_attention" in self.layer_types else None
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
         self.max_positions: int = int(getattr(self.config, "max_position_embeddings", 1 << 30))
-        self.vocab_size: int = int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else self.config.vocab_size
+        self.vocab_size: int = (
+            int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else self.config.vocab_size
+        )
         self._rotary_typed = "layer_type" in inspect.signature(self.rotary.forward).parameters
         layer_params = inspect.signature(self.layers[0].forward).parameters
         self._cache_kw = "cache" if "cache" in layer_params else "past_key_values"
@@ -149,7 +157,9 @@ class ModelRunner:
         pe = self.rotary(hidden, position_ids)
         return {t: pe for t in set(self.layer_types)}
 
-    def _masks(self, visible: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def _masks(
+        self, visible: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
         """Additive masks per layer type from a boolean ``visible[q, kv]`` and the positions of both sides."""
         masks: dict[str, torch.Tensor | None] = {}
         for kind in set(self.layer_types):

@@ -75,15 +75,24 @@ class CompletionBody(_Body):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
 
 
-def error_response(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                   code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+def error_response(
+    status: int, message: str, param: str | None = None, type_: str = "invalid_request_error", code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
+    )
 
 
 # ----------------------------------------------------------------------------- the app
@@ -92,13 +101,19 @@ def error_response(status: int, message: str, param: str | None = None, type_: s
 class Metrics:
     def __init__(self, engine: Engine) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("clasp_requests", "Requests by endpoint and outcome", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "clasp_requests", "Requests by endpoint and outcome", ["endpoint", "status"], registry=r
+        )
         self.tokens = Counter("clasp_generated_tokens", "Tokens generated", registry=r)
         self.steps = Counter("clasp_verify_steps", "Full-model steps (prefill and verifications)", registry=r)
         self.drafted = Counter("clasp_draft_tokens", "Draft tokens proposed", registry=r)
         self.accepted = Counter("clasp_accepted_draft_tokens", "Draft tokens accepted", registry=r)
-        self.latency = Histogram("clasp_request_latency_seconds", "Time from arrival to the last token", registry=r,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.latency = Histogram(
+            "clasp_request_latency_seconds",
+            "Time from arrival to the last token",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
         self.mean_accepted = Gauge("clasp_mean_accepted_tokens", "Tokens per full-model step, all requests", registry=r)
         self.mean_accepted.set_function(lambda: engine.stats.tokens / engine.stats.steps if engine.stats.steps else 0.0)
         self.queue = Gauge("clasp_queue_length", "Requests waiting", registry=r)
@@ -162,12 +177,18 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), None, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return error_response(
+            exc.status_code, str(exc.detail), None, "invalid_request_error" if exc.status_code < 500 else "server_error"
+        )
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "queue_length": engine.queue_length(),
-                "running": engine.running is not None}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "queue_length": engine.queue_length(),
+            "running": engine.running is not None,
+        }
 
     @app.get("/metrics")
     async def prometheus():
@@ -175,12 +196,19 @@ def create_app(
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "clasp-decoding"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "clasp-decoding"}],
+        }
 
     def config_for(body: _Body, prompt_len: int, default_tokens: int, max_tokens: int | None) -> GenerationConfig:
         if body.model != model_name:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_name}'.",
-                           "model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{body.model}' does not exist; this server serves '{model_name}'.",
+                "model",
+                code="model_not_found",
+            )
         if body.n not in (None, 1):
             raise APIError(400, "Only n=1 is supported.", "n")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -199,13 +227,21 @@ def create_app(
             raise APIError(400, "stop takes up to 4 non-empty strings.", "stop")
         room = context - prompt_len
         if room < 1:
-            raise APIError(400, f"This model's maximum context length is {context} tokens, but the prompt has "
-                           f"{prompt_len} tokens.", "messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens, but the prompt has {prompt_len} tokens.",
+                "messages",
+                code="context_length_exceeded",
+            )
         tokens = max_tokens if max_tokens is not None else min(default_tokens, room)
         if tokens > room:
-            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has {prompt_len} "
-                           f"tokens, so max_tokens can be at most {room}, got {tokens}.", "max_tokens",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens; the prompt has {prompt_len} "
+                f"tokens, so max_tokens can be at most {room}, got {tokens}.",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
         changes: dict[str, Any] = {"max_new_tokens": tokens, "stop": tuple(stops)}
         if body.temperature is not None:
             changes["temperature"] = float(body.temperature)
@@ -229,11 +265,16 @@ def create_app(
 
     def stats_field(result: GenerationResult) -> dict:
         st = result.stats
-        return {"method": result.config.method if result.config else None,
-                "mean_accepted_tokens": round(st.mean_accepted_tokens, 4),
-                "acceptance_rate": round(st.acceptance_rate, 4), "steps": st.steps, "drafted": st.drafted,
-                "accepted": st.accepted, "tokens_per_second": round(st.tokens_per_second, 4),
-                "time": st.to_dict()["time"]}
+        return {
+            "method": result.config.method if result.config else None,
+            "mean_accepted_tokens": round(st.mean_accepted_tokens, 4),
+            "acceptance_rate": round(st.acceptance_rate, 4),
+            "steps": st.steps,
+            "drafted": st.drafted,
+            "accepted": st.accepted,
+            "tokens_per_second": round(st.tokens_per_second, 4),
+            "time": st.to_dict()["time"],
+        }
 
     def usage(result: GenerationResult) -> dict:
         p, c = len(result.prompt_token_ids), len(result.token_ids)
@@ -246,8 +287,12 @@ def create_app(
             engine.submit(job)
         except QueueFull:
             metrics.requests.labels(endpoint, "429").inc()
-            raise APIError(429, f"The server is busy: {max_queue} requests are already waiting. Retry later.",
-                           type_="rate_limit_error", code="queue_full") from None
+            raise APIError(
+                429,
+                f"The server is busy: {max_queue} requests are already waiting. Retry later.",
+                type_="rate_limit_error",
+                code="queue_full",
+            ) from None
         return job, arrived
 
     def finish(endpoint: str, arrived: float, status: str, result: GenerationResult | None = None) -> None:
@@ -272,7 +317,9 @@ def create_app(
                 return payload
             if kind == "timeout":
                 finish(endpoint, arrived, "504")
-                raise APIError(504, f"The request did not finish within {request_timeout:g} s.", type_="timeout", code="timeout")
+                raise APIError(
+                    504, f"The request did not finish within {request_timeout:g} s.", type_="timeout", code="timeout"
+                )
             if kind == "error":
                 finish(endpoint, arrived, "500")
                 raise APIError(500, f"Generation failed: {payload}", type_="server_error")
@@ -300,10 +347,21 @@ def create_app(
                 else:
                     ended = True
                     finish(endpoint, arrived, "504" if kind == "timeout" else "500")
-                    message = (f"The request did not finish within {request_timeout:g} s." if kind == "timeout"
-                               else f"Generation failed: {payload}")
-                    yield sse({"error": {"message": message, "type": "timeout" if kind == "timeout" else "server_error",
-                                         "param": None, "code": kind}})
+                    message = (
+                        f"The request did not finish within {request_timeout:g} s."
+                        if kind == "timeout"
+                        else f"Generation failed: {payload}"
+                    )
+                    yield sse(
+                        {
+                            "error": {
+                                "message": message,
+                                "type": "timeout" if kind == "timeout" else "server_error",
+                                "param": None,
+                                "code": kind,
+                            }
+                        }
+                    )
                     break
             yield sse("[DONE]")
         finally:
@@ -329,22 +387,40 @@ def create_app(
         head = {"id": rid, "created": ts, "model": model_name}
         if not body.stream:
             result = await collect(request, request.url.path, job, arrived)
-            return {**head, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                 "finish_reason": result.finish_reason}],
-                    "usage": usage(result), "clasp": stats_field(result)}
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "finish_reason": result.finish_reason,
+                    }
+                ],
+                "usage": usage(result),
+                "clasp": stats_field(result),
+            }
 
         def chunk(piece, role=False):
             delta = {"role": "assistant", "content": ""} if role else {"content": piece}
-            return {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            return {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
 
         def final(result):
-            return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": result.finish_reason}], "clasp": stats_field(result)}
+            return {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": result.finish_reason}],
+                "clasp": stats_field(result),
+            }
 
         include = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream_events(request.url.path, job, arrived, chunk, final, include),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            stream_events(request.url.path, job, arrived, chunk, final, include), media_type="text/event-stream"
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -367,9 +443,12 @@ def create_app(
         head = {"id": rid, "created": ts, "model": model_name, "object": "text_completion"}
         if not body.stream:
             result = await collect(request, request.url.path, job, arrived)
-            return {**head, "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                                         "finish_reason": result.finish_reason}],
-                    "usage": usage(result), "clasp": stats_field(result)}
+            return {
+                **head,
+                "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
+                "usage": usage(result),
+                "clasp": stats_field(result),
+            }
 
         def chunk(piece, role=False):
             if role:
@@ -377,24 +456,46 @@ def create_app(
             return {**head, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}]}
 
         def final(result):
-            return {**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": result.finish_reason}],
-                    "clasp": stats_field(result)}
+            return {
+                **head,
+                "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": result.finish_reason}],
+                "clasp": stats_field(result),
+            }
 
         include = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream_events(request.url.path, job, arrived, chunk, final, include),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            stream_events(request.url.path, job, arrived, chunk, final, include), media_type="text/event-stream"
+        )
 
     return app
 
 
-def serve(model_name: str, *, host: str, port: int, dtype: str, device: str, base_config: GenerationConfig,
-          max_queue: int, request_timeout: float, default_max_tokens: int, log_level: str = "info") -> None:
+def serve(
+    model_name: str,
+    *,
+    host: str,
+    port: int,
+    dtype: str,
+    device: str,
+    base_config: GenerationConfig,
+    max_queue: int,
+    request_timeout: float,
+    default_max_tokens: int,
+    log_level: str = "info",
+) -> None:
     """Load the model and run uvicorn until interrupted."""
     import uvicorn
 
     from .models import load
 
     model, tokenizer = load(model_name, dtype=dtype, device=device)
-    app = create_app(model, tokenizer, model_name, base_config=base_config, max_queue=max_queue,
-                     request_timeout=request_timeout, default_max_tokens=default_max_tokens)
+    app = create_app(
+        model,
+        tokenizer,
+        model_name,
+        base_config=base_config,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        default_max_tokens=default_max_tokens,
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -23,9 +23,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default: the built-in suite)")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma-separated: ar, hf, clasp, static, pld, hybrid; options in brackets, "
-                        "e.g. 'clasp[num_skip=8,draft_exit_threshold=0.8]'")
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help="comma-separated: ar, hf, clasp, static, pld, hybrid; options in brackets, "
+        "e.g. 'clasp[num_skip=8,draft_exit_threshold=0.8]'",
+    )
     p.add_argument("--per-task", type=int, default=None, help="questions per task (default: all)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the six tasks")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -59,7 +62,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.repeats < 1:
         raise BenchInputError("--repeats must be at least 1.")
     try:
-        GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+        GenerationConfig(
+            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
+        )
     except ConfigError as e:
         raise BenchInputError(str(e)) from None
     tasks = [t.strip() for t in a.tasks.split(",")] if a.tasks else None
@@ -67,10 +72,23 @@ def cmd_bench(a: argparse.Namespace) -> int:
     questions = select(questions, a.per_task, tasks)
     out = Path(a.out)
     settings = BenchSettings(
-        model=a.model, methods=methods, questions=questions, out=out, dtype=a.dtype, device=a.device,
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
-        repeats=a.repeats, baseline=a.baseline, warmup=not a.no_warmup,
-        questions_source=str(a.questions) if a.questions else "built-in", per_task=a.per_task, tasks=tasks,
+        model=a.model,
+        methods=methods,
+        questions=questions,
+        out=out,
+        dtype=a.dtype,
+        device=a.device,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+        repeats=a.repeats,
+        baseline=a.baseline,
+        warmup=not a.no_warmup,
+        questions_source=str(a.questions) if a.questions else "built-in",
+        per_task=a.per_task,
+        tasks=tasks,
     )
     model, tokenizer = load(a.model, dtype=a.dtype, device=a.device)
     print(f"{len(questions)} questions x {len(methods)} methods x {a.repeats} repeat(s) -> {out}", file=sys.stderr)
@@ -84,11 +102,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 print(f"  static search {n}/{budget}: skip {list(skip)} -> {tps:.2f} tok/s", file=sys.stderr)
 
             print("Searching the static skip set (cached per model once found) ...", file=sys.stderr)
-            found = find_static_skip(model, tokenizer, settings.generation_config(), budget=a.static_budget, progress=report)
+            found = find_static_skip(
+                model, tokenizer, settings.generation_config(), budget=a.static_budget, progress=report
+            )
             static_note = found.to_dict()
             methods[i] = type(spec)(spec.label, spec.kind, spec.overrides + (("skip_layers", found.skip_layers),))
-            print(f"static skip set: {list(found.skip_layers)} ({found.search_seconds:.0f} s of search, "
-                  f"{found.evaluations} sets tried)", file=sys.stderr)
+            print(
+                f"static skip set: {list(found.skip_layers)} ({found.search_seconds:.0f} s of search, "
+                f"{found.evaluations} sets tried)",
+                file=sys.stderr,
+            )
     settings.methods = methods
     rows = run_benchmark(settings, model, tokenizer, log=lambda s: print(s, file=sys.stderr))
     info = json.loads((out / "run.json").read_text())

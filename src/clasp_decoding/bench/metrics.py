@@ -51,8 +51,9 @@ def _questions(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
     return out
 
 
-def _stats(entries: list[dict], base_tps: dict[tuple[str, int], float], tps: dict[tuple[str, int], float],
-           repeats: list[int]) -> dict:
+def _stats(
+    entries: list[dict], base_tps: dict[tuple[str, int], float], tps: dict[tuple[str, int], float], repeats: list[int]
+) -> dict:
     qids = sorted({e["qid"] for e in entries})
     shared = [q for q in qids if all((q, r) in base_tps and (q, r) in tps for r in repeats)]
     per_repeat = []
@@ -73,7 +74,8 @@ def _stats(entries: list[dict], base_tps: dict[tuple[str, int], float], tps: dic
         "questions": len(qids),
         "new_tokens": tokens,
         "tokens_per_second": round(statistics.mean(tps[(q, r)] for q in qids for r in repeats if (q, r) in tps), 4)
-        if qids else 0.0,
+        if qids
+        else 0.0,
         "speedup": round(statistics.mean(per_repeat), 4) if per_repeat else None,
         "mean_accepted_tokens": round(tokens / steps, 4) if steps else None,
         "acceptance_rate": round(sum(e["accepted"] for e in entries) / drafted, 4) if drafted else None,
@@ -111,7 +113,8 @@ def summarize(rows: list[dict], baseline: str, greedy: bool) -> dict:
         summary["mismatches"][m] = fidelity["mismatches"]
         failed = [
             {"question_id": r["question_id"], "turn": r["turn"], "repeat": r["repeat"], "error": r["error"]}
-            for r in rows if r["method"] == m and r["status"] == "failed"
+            for r in rows
+            if r["method"] == m and r["status"] == "failed"
         ]
         if failed:
             summary["failed"][m] = failed

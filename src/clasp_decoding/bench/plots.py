@@ -77,7 +77,9 @@ def make_plots(out: Path, rows: list[dict], summary: dict) -> list[str]:
     made.append("speedup_per_task.png")
     accepted_lengths(out / "accepted_lengths.png", rows)
     made.append("accepted_lengths.png")
-    clasp_rows = [r for r in rows if r["status"] == "ok" and r.get("kind") in ("clasp", "hybrid") and r.get("skip_sets")]
+    clasp_rows = [
+        r for r in rows if r["status"] == "ok" and r.get("kind") in ("clasp", "hybrid") and r.get("skip_sets")
+    ]
     if clasp_rows:
         longest = max(clasp_rows, key=lambda r: (len(r["skip_sets"]), r["new_tokens"]))
         skip_heatmap(out / "clasp_skip_sets.png", longest, summary.get("run", {}).get("num_layers"))

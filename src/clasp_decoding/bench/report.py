@@ -25,7 +25,8 @@ def markdown(summary: dict, info: dict) -> str:
         f"max new tokens {info.get('max_new_tokens')}, temperature {info.get('temperature')}, "
         f"dtype {info.get('dtype')}, repeats {info.get('repeats')}",
         f"- machine: {machine.get('cpu')} ({machine.get('torch_threads')} threads"
-        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "") + f"), torch {machine.get('torch')}, "
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+        + f"), torch {machine.get('torch')}, "
         f"transformers {machine.get('transformers')}; started {info.get('started')}",
         f"- baseline: `{summary['baseline']}`; speedup = mean tokens/s over questions / the baseline's, same run",
         "",
@@ -44,21 +45,35 @@ def markdown(summary: dict, info: dict) -> str:
         if "speedup_min" in o:
             spread = f" [{o['speedup_min']:.2f}-{o['speedup_max']:.2f}]"
         lines.append(
-            f"| `{label}` | " + " | ".join(cells)
+            f"| `{label}` | "
+            + " | ".join(cells)
             + f" | **{_fmt(o['speedup'], '{:.2f}x')}**{spread} ({_fmt(o['mean_accepted_tokens'])}) "
             f"| {o['tokens_per_second']:.2f} | {_fmt(o['acceptance_rate'], '{:.0%}')} "
             f"| {_fmt(o.get('greedy_match_rate'), '{:.0%}', 'n/a (sampling)')} |"
         )
-    split_rows = [(label, res["overall"]["time_fraction"]) for label, res in methods.items() if "time_fraction" in res["overall"]]
+    split_rows = [
+        (label, res["overall"]["time_fraction"]) for label, res in methods.items() if "time_fraction" in res["overall"]
+    ]
     if split_rows:
-        lines += ["", "## Where the time goes (fraction of wall time)", "",
-                  "| method | prefill | draft | verify | layer selection | other |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Where the time goes (fraction of wall time)",
+            "",
+            "| method | prefill | draft | verify | layer selection | other |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for label, f in split_rows:
-            lines.append(f"| `{label}` | " + " | ".join(f"{f[k]:.1%}" for k in ("prefill", "draft", "verify", "layer_selection", "other")) + " |")
+            lines.append(
+                f"| `{label}` | "
+                + " | ".join(f"{f[k]:.1%}" for k in ("prefill", "draft", "verify", "layer_selection", "other"))
+                + " |"
+            )
     lines += ["", "## Fidelity", ""]
     if not summary["greedy"]:
-        lines.append("Sampling run: outputs are random, so token-by-token comparison does not apply. Losslessness "
-                     "under sampling is tested statistically in the test suite.")
+        lines.append(
+            "Sampling run: outputs are random, so token-by-token comparison does not apply. Losslessness "
+            "under sampling is tested statistically in the test suite."
+        )
     else:
         for label, mism in summary["mismatches"].items():
             if mism:

@@ -20,7 +20,18 @@ from .suite import BenchInputError, Question
 RECORDS = "records.jsonl"
 RUN_INFO = "run.json"
 # Settings that define what was measured: a resumed run must agree on all of them.
-_IDENTITY = ("model", "dtype", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "questions", "per_task", "tasks")
+_IDENTITY = (
+    "model",
+    "dtype",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "questions",
+    "per_task",
+    "tasks",
+)
 
 
 @dataclass
@@ -46,7 +57,10 @@ class BenchSettings:
 
     def generation_config(self) -> GenerationConfig:
         return GenerationConfig(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
             seed=self.seed,
         ).updated(**self.base_config)
 
@@ -82,8 +96,13 @@ def machine_info() -> dict:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
     }
 
 
@@ -143,17 +162,34 @@ def prepare_out(settings: BenchSettings) -> list[dict]:
     return keep
 
 
-def _row(spec: MethodSpec, q: Question, turn: int, repeat: int, prompt_len: int, res: TurnResult | None, error: str | None) -> dict:
+def _row(
+    spec: MethodSpec, q: Question, turn: int, repeat: int, prompt_len: int, res: TurnResult | None, error: str | None
+) -> dict:
     row = {
-        "method": spec.label, "kind": spec.kind, "question_id": q.id, "task": q.task, "category": q.category,
-        "turn": turn, "repeat": repeat, "status": "ok" if error is None else "failed", "error": error,
+        "method": spec.label,
+        "kind": spec.kind,
+        "question_id": q.id,
+        "task": q.task,
+        "category": q.category,
+        "turn": turn,
+        "repeat": repeat,
+        "status": "ok" if error is None else "failed",
+        "error": error,
         "prompt_tokens": prompt_len,
     }
     if res is not None:
         row.update(
-            new_tokens=len(res.output_ids), seconds=res.seconds, steps=res.steps, drafted=res.drafted,
-            accepted=res.accepted, accepted_lengths=res.accepted_lengths, draft_lengths=res.draft_lengths, skip_sets=res.skip_sets, modes=res.modes,
-            time_split=res.time_split, output_ids=res.output_ids,
+            new_tokens=len(res.output_ids),
+            seconds=res.seconds,
+            steps=res.steps,
+            drafted=res.drafted,
+            accepted=res.accepted,
+            accepted_lengths=res.accepted_lengths,
+            draft_lengths=res.draft_lengths,
+            skip_sets=res.skip_sets,
+            modes=res.modes,
+            time_split=res.time_split,
+            output_ids=res.output_ids,
         )
     return row
 

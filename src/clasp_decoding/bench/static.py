@@ -47,8 +47,17 @@ class StaticSearch:
 
 def _key(model, base: GenerationConfig, max_new_tokens: int, budget: int) -> str:
     ident = json.dumps(
-        ["v2", getattr(model.config, "_name_or_path", ""), str(model.dtype), model.config.num_hidden_layers,
-         base.draft_exit_threshold, base.max_draft_tokens, base.draft_vocab, max_new_tokens, budget],
+        [
+            "v2",
+            getattr(model.config, "_name_or_path", ""),
+            str(model.dtype),
+            model.config.num_hidden_layers,
+            base.draft_exit_threshold,
+            base.max_draft_tokens,
+            base.draft_vocab,
+            max_new_tokens,
+            budget,
+        ],
     )
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
@@ -56,8 +65,16 @@ def _key(model, base: GenerationConfig, max_new_tokens: int, budget: int) -> str
 def _score(model, tokenizer, base: GenerationConfig, skip: tuple[int, ...], prompts, max_new_tokens: int) -> float:
     tokens, seconds = 0, 0.0
     for ids in prompts:
-        res = generate(model, tokenizer, ids, base, method="static", skip_layers=skip, max_new_tokens=max_new_tokens,
-                       temperature=0.0)
+        res = generate(
+            model,
+            tokenizer,
+            ids,
+            base,
+            method="static",
+            skip_layers=skip,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+        )
         tokens += res.stats.new_tokens
         seconds += res.stats.time_total
     return tokens / seconds if seconds else 0.0
@@ -79,7 +96,9 @@ def find_static_skip(
     path = cache_dir() / "static" / f"{_key(model, base, max_new_tokens, budget)}.json"
     if use_cache and path.is_file():
         d = json.loads(path.read_text())
-        return StaticSearch(tuple(d["skip_layers"]), d["tokens_per_second"], d["search_seconds"], d["evaluations"], d["tried"])
+        return StaticSearch(
+            tuple(d["skip_layers"]), d["tokens_per_second"], d["search_seconds"], d["evaluations"], d["tried"]
+        )
     t0 = time.perf_counter()
     runner = runner_for(model)
     num_layers = runner.num_layers
@@ -118,8 +137,9 @@ def find_static_skip(
         swap = set(best) - {rng.choice(inside)} | {rng.choice(outside)}
         evaluate(tuple(sorted(swap)))
     best = max(tried, key=tried.get)
-    result = StaticSearch(best, tried[best], time.perf_counter() - t0, len(tried),
-                          [[list(k), round(v, 3)] for k, v in tried.items()])
+    result = StaticSearch(
+        best, tried[best], time.perf_counter() - t0, len(tried), [[list(k), round(v, 3)] for k, v in tried.items()]
+    )
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result.to_dict(), indent=1))
