@@ -52,7 +52,7 @@ def test_matches_hf_generate(arch, setting):
             assert max(st.draft_lengths) <= kw.get("max_draft_tokens", GenerationConfig().max_draft_tokens)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_matches_hf_generate_in_bf16(arch):
     """bf16 is where batched verification differs from one-token steps unless attention is row-exact."""
     for seed in range(4):

@@ -39,12 +39,13 @@ class RowPlan:
 
     ``mode`` is ``"causal"`` (queries at consecutive positions from ``start``, each seeing every slot up
     to its own: one causal call for a prefill from slot 0, row by row otherwise) or ``"masked"`` (the
-    given mask as is: the DP's candidates, whose bits need not match anything).
+    given mask as is: the DP's candidates, whose bits need not match anything). ``window`` is the
+    sliding window of a sliding-attention layer (``None`` for global attention).
     """
 
     start: int
     mode: str = "causal"
-    sliding: bool = False
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,25 +74,41 @@ def _inner_function(name: str):
 
 
 def _make_backend(inner_name: str):
+    """The row-exact wrapper of attention backend ``inner_name``.
+
+    Each query row is attended the way ``transformers`` attends one decoding step: over the keys that its
+    own cache would hold (all slots up to the row's position, or for a sliding-window layer the last
+    ``window`` of them, which is all a sliding cache keeps), with no mask while fewer keys than the
+    window are read and, like ``transformers``, an all-visible mask once the window is full. A prefill
+    from slot 0 is one call, as ``transformers``' own prefill makes it.
+    """
+
     def clasp_attention(module, query, key, value, attention_mask, *args, clasp_rows: RowPlan | None = None, **kwargs):
         inner = _inner_function(inner_name)
-        q = query.shape[2]
-        if clasp_rows is None or clasp_rows.mode == "masked" or q == 1:
+        if clasp_rows is None or clasp_rows.mode == "masked":
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
-        if clasp_rows.start == 0 and not clasp_rows.sliding and inner_name == "sdpa":
-            # A prefill from slot 0: one causal call, as transformers' own prefill makes it.
-            return inner(module, query, key[:, :, :q], value[:, :, :q], None, *args, **kwargs)
+        q = query.shape[2]
+        window = clasp_rows.window
+        if clasp_rows.start == 0 and q > 1 and inner_name == "sdpa":
+            if window is None or q < window:  # transformers drops the mask and attends causally
+                return inner(module, query, key[:, :, :q], value[:, :, :q], None, *args, **kwargs)
+            mask = attention_mask[:, :, :, :q] > -1 if attention_mask is not None else None
+            return inner(module, query, key[:, :, :q], value[:, :, :q], mask, *args, **kwargs)
         outs = []
         for i in range(q):
             end = clasp_rows.start + i + 1
+            lo = max(0, end - window) if window is not None else 0
             row_mask = None
-            if attention_mask is not None and (clasp_rows.sliding or inner_name == "eager"):
-                row_mask = attention_mask[:, :, i : i + 1, :end]
+            if inner_name == "eager":
+                if attention_mask is not None:
+                    row_mask = attention_mask[:, :, i : i + 1, lo:end]
+            elif window is not None and end - lo >= window:
+                row_mask = torch.ones(1, 1, 1, end - lo, dtype=torch.bool, device=query.device)
             out, _ = inner(
-                module, query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], row_mask, *args, **kwargs
+                module, query[:, :, i : i + 1], key[:, :, lo:end], value[:, :, lo:end], row_mask, *args, **kwargs
             )
             outs.append(out)
-        return torch.cat(outs, dim=1), None
+        return (outs[0] if q == 1 else torch.cat(outs, dim=1)), None
 
     clasp_attention.__name__ = f"clasp_{inner_name}"
     return clasp_attention

@@ -229,7 +229,10 @@ class ModelRunner:
             kv_pos = torch.arange(end, device=self.device)
             masks = self._masks(kv_pos[None, :] <= q_pos[:, None], q_pos, kv_pos)
         states = [hidden[0]] if collect_hidden else None
-        plans = {kind: RowPlan(start, "causal", kind == "sliding_attention") for kind in masks}
+        plans = {
+            kind: RowPlan(start, "causal", self.sliding_window if kind == "sliding_attention" else None)
+            for kind in masks
+        }
         for i in self.all_layers if layers is None else layers:
             kind = self.layer_types[i]
             hidden = self._run_layer(i, hidden, masks[kind], pe[kind], position_ids, cache, plans[kind])

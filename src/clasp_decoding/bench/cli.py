@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..models import DEFAULT_MODEL
 
-DEFAULT_METHODS = "ar,hf,clasp,static,pld"
+DEFAULT_METHODS = "ar,hf,clasp,pld,hybrid"
 
 
 def add_bench_parser(sub) -> None:
@@ -31,7 +31,7 @@ def add_bench_parser(sub) -> None:
     )
     p.add_argument("--per-task", type=int, default=None, help="questions per task (default: all)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the six tasks")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
