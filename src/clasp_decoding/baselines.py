@@ -39,7 +39,7 @@ def hf_generate(
     """Run ``model.generate`` on ``prompt_ids``; return the new token ids and the wall time in seconds.
 
     Its fastest configuration per device: on CUDA a static cache (which ``transformers`` compiles); on
-    the CPU the default dynamic cache (a static cache only adds ``torch.compile``'s start-up there)."""
+    the CPU the default dynamic cache (a static cache measured slower there: docs/results.md)."""
     gen = hf_generation_config(config, eos_ids, getattr(tokenizer, "pad_token_id", None))
     if model.device.type == "cuda":
         gen.cache_implementation = "static"
