@@ -95,6 +95,7 @@ def _make_backend(inner_name: str):
             mask = attention_mask[:, :, :, :q] > -1 if attention_mask is not None else None
             return inner(module, query, key[:, :, :q], value[:, :, :q], mask, *args, **kwargs)
         outs = []
+        full_window = None  # the all-visible mask of a full window, made once per call
         for i in range(q):
             end = clasp_rows.start + i + 1
             lo = max(0, end - window) if window is not None else 0
@@ -103,7 +104,9 @@ def _make_backend(inner_name: str):
                 if attention_mask is not None:
                     row_mask = attention_mask[:, :, i : i + 1, lo:end]
             elif window is not None and end - lo >= window:
-                row_mask = torch.ones(1, 1, 1, end - lo, dtype=torch.bool, device=query.device)
+                if full_window is None:
+                    full_window = torch.ones(1, 1, 1, window, dtype=torch.bool, device=query.device)
+                row_mask = full_window
             out, _ = inner(
                 module, query[:, :, i : i + 1], key[:, :, lo:end], value[:, :, lo:end], row_mask, *args, **kwargs
             )
