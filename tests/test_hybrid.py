@@ -9,33 +9,58 @@ import torch
 
 from clasp_decoding.api import runner_for
 from clasp_decoding.config import GenerationConfig
-from clasp_decoding.controller import EMA, Acceptance, Controller, ControllerState, Plan, expected_tokens
+from clasp_decoding.controller import EMA, Controller, ControllerState, CopyHazard, Plan, match_bin
 from clasp_decoding.decoding import decode, start_session
+from clasp_decoding.drafters import PromptLookupDrafter
 from conftest import ARCHS, hf_greedy, random_prompt, tiny_model
 from test_sampling import STEPS, VOCAB, chi_square_pvalue, exact_distribution, sample_many
 
 
-def state(tv0=1.0, tv_k=1.05, clasp_rate=None, skip=4, pld_alpha=None):
-    """Synthetic estimates: plain step ``tv0`` s, verification ``tv_k`` s, layer-skip rounds that delivered
-    ``clasp_rate`` tokens/s at skip count ``skip``, lookup acceptance ``pld_alpha`` for 2-gram matches."""
+def state(tv0=1.0, tv_k=1.05, clasp_rate=None, skip=4, copy_rate=None, per_token=0.0):
+    """Synthetic estimates: plain step ``tv0`` s, verification of ``k`` drafts ``tv_k + per_token * k`` s,
+    layer-skip rounds that delivered ``clasp_rate`` tokens/s at skip count ``skip``, and lookup copies
+    that continue with probability ``copy_rate`` (a dict per match bin, or one number for all)."""
     s = ControllerState(num_layers=10)
     s.verify[0] = EMA(value=tv0)
-    for k in range(1, 17):
-        s.verify[k] = EMA(value=tv_k)
+    for k in (1, 2, 4, 8, 16, 32, 48):
+        s.verify[k] = EMA(value=tv_k + per_token * k)
     if clasp_rate is not None:
         for _ in range(8):
             s.realize(("clasp", skip), clasp_rate * 2.0, 2.0)
-    if pld_alpha is not None:
-        look = s.lookup_acceptance(2)
-        look.successes, look.trials = pld_alpha * 100, 100.0
+    if copy_rate is not None:
+        rates = copy_rate if isinstance(copy_rate, dict) else dict.fromkeys((1, 2, 3, 4, 5, 8, 16), copy_rate)
+        for b, r in rates.items():
+            s.lookup.continued[b], s.lookup.tested[b] = r * 1000, 1000.0
     return s
 
 
-def test_expected_tokens():
-    assert expected_tokens(0.5, 0) == 1.0
-    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
-    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
-    assert expected_tokens(1.0, 4) == 5.0
+def test_copy_hazard_counts_only_tested_tokens_at_their_match_length():
+    h = CopyHazard(prior=0.5, weight=1e-6, decay=1.0)
+    h.update(match_len=2, drafted=4, accepted=1)  # token 1 (match 2) accepted, token 2 (match 3) rejected
+    assert h.tested == {2: 1, 3: 1} and h.continued == {2: 1, 3: 0}  # 3, 4 never tested
+    h.update(match_len=6, drafted=3, accepted=3)  # all three at matches 6, 7, 8: bins 5, 5, 8
+    assert h.tested[5] == 2 and h.continued[8] == 1
+    assert h.rate(2) == pytest.approx(0.99) and h.rate(3) == pytest.approx(0.0, abs=1e-5)
+    assert [match_bin(n) for n in (1, 4, 5, 7, 8, 15, 16, 60)] == [1, 4, 5, 5, 8, 8, 16, 16]
+
+
+def test_copy_hazard_expected_tokens():
+    h = CopyHazard(prior=0.5, weight=1.0)
+    assert h.expected(3, 0) == [1.0]
+    assert h.expected(3, 3) == pytest.approx([1.0, 1.5, 1.75, 1.875])  # the prior: each token 1/2
+    s = state(copy_rate={1: 0.2, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.9})
+    # After a 1-token match the first draft is tested at match 1, the second at match 2, ...
+    assert s.lookup.expected(1, 2) == pytest.approx([1.0, 1.2, 1.3], rel=1e-3)
+
+
+def test_verify_time_interpolates_and_extrapolates():
+    s = ControllerState(num_layers=4)
+    assert s.t_verify(3) is None
+    s.verify[0], s.verify[8] = EMA(value=1.0), EMA(value=1.4)
+    assert s.t_verify(4) == pytest.approx(1.2)
+    assert s.t_verify(16) == pytest.approx(1.8)  # beyond the longest measured: the slope so far
+    s.verify[16] = EMA(value=2.6)  # steeper past 8: the extrapolation follows the steepest slope
+    assert s.t_verify(24) == pytest.approx(2.6 + 0.15 * 8)
 
 
 def test_plain_decoding_when_drafting_cannot_pay():
@@ -83,32 +108,45 @@ def test_realized_rate_is_a_ratio_of_running_means():
 
 
 def test_prompt_lookup_wins_when_its_matches_are_good():
-    c = Controller(state(clasp_rate=1.1, pld_alpha=0.6), max_draft=8, candidates=[4])
-    plan = c.plan(4, 6, 100)
+    c = Controller(state(clasp_rate=1.1, copy_rate=0.6), max_draft=8, candidates=[4])
+    plan = c.plan(4, 6, 100, match_len=3)
     assert plan.source == "pld" and plan.max_tokens == 6
-    poor = Controller(state(clasp_rate=1.3, pld_alpha=0.05), max_draft=8, candidates=[4])
-    assert poor.plan(4, 6, 100).source == "clasp"
-    useless = Controller(state(clasp_rate=0.5, pld_alpha=0.02), max_draft=8, candidates=[4])
-    assert useless.plan(4, 6, 100).source == "plain"  # a failed lookup round still costs t_v(k) > t_v(0)
+    poor = Controller(state(clasp_rate=1.3, copy_rate=0.05), max_draft=8, candidates=[4])
+    assert poor.plan(4, 6, 100, match_len=3).source == "clasp"
+    useless = Controller(state(clasp_rate=0.5, copy_rate=0.02), max_draft=8, candidates=[4])
+    assert useless.plan(4, 6, 100, match_len=3).source == "plain"  # a failed lookup still costs t_v(k) > t_v(0)
 
 
-def test_lookup_acceptance_is_kept_per_match_length():
-    s = state(pld_alpha=0.02)
+def test_lookup_length_follows_the_match_and_the_cost_of_verifying():
+    rates = {1: 0.01, 2: 0.1, 3: 0.5, 4: 0.7, 5: 0.9, 8: 0.95, 16: 0.97}
+    flat = Controller(state(clasp_rate=0.5, copy_rate=rates, tv_k=1.02, per_token=0.002), max_draft=8, candidates=[4])
+    long_match = flat.plan(4, 48, 100, match_len=20)
+    assert long_match.source == "pld" and long_match.max_tokens >= 32  # a repeated passage: draft far
+    assert flat.plan(4, 48, 10, match_len=20).max_tokens == 10  # never past the token budget
+    assert flat.plan(4, 48, 100, match_len=1).source == "plain"  # after a lone common token: nothing pays
+    steep = Controller(state(clasp_rate=0.5, copy_rate=rates, tv_k=1.02, per_token=0.05), max_draft=8, candidates=[4])
+    assert 0 < steep.plan(4, 48, 100, match_len=20).max_tokens < long_match.max_tokens  # costly: shorter
+    # Learning: copies after 1-token matches that keep succeeding make such lookups worth drafting.
+    s = state(clasp_rate=0.5, copy_rate=rates, tv_k=1.02, per_token=0.002)
     c = Controller(s, max_draft=8, candidates=[4])
-    for _ in range(10):
-        c.observe("pld", 8, 8, verify_seconds=1.05, draft_seconds=0.0, num_skip=4, lookup_ngram=4)
-    assert s.lookup_acceptance(4).alpha > 0.9 and s.lookup_acceptance(2).alpha < 0.05
-    assert c.plan(4, 8, 100, lookup_ngram=4).source == "pld"
-    assert c.plan(4, 8, 100, lookup_ngram=2).source != "pld"
+    for _ in range(200):
+        c.observe("pld", 4, 4, verify_seconds=1.03, draft_seconds=0.0, num_skip=4, match_len=1)
+    assert c.plan(4, 48, 100, match_len=1).source == "pld"
 
 
 def test_probes_now_and_then_while_decoding_plainly():
-    c = Controller(state(clasp_rate=0.5), max_draft=8, candidates=[4], probe_every=5)
-    sources = [c.plan(4, 0, 100).source for _ in range(10)]
-    assert sources.count("clasp") == 2 and sources[4] == "clasp" and sources[9] == "clasp"
-    # With a lookup match at hand, the probe is the nearly free one.
-    c = Controller(state(clasp_rate=0.5, pld_alpha=0.01), max_draft=8, candidates=[4], probe_every=3)
-    assert [c.plan(4, 5, 100).source for _ in range(3)] == ["plain", "plain", "pld"]
+    s = state(clasp_rate=0.5)
+    c = Controller(s, max_draft=8, candidates=[4], probe_every=5)
+    sources = [c.plan(4, 0, 100).source for _ in range(80)]
+    probes = [i + 1 for i, src in enumerate(sources) if src == "clasp"]
+    assert probes == [5, 15, 35, 75]  # while layer-skip probes keep losing they come ever more rarely
+    assert s.skip_probe_every == 40
+    c2 = Controller(s, max_draft=8, candidates=[4], probe_every=5)  # the back-off outlives a generation
+    assert [c2.plan(4, 0, 100).source for _ in range(40)].count("clasp") == 1
+    # With a lookup match at hand, the probe is a short, nearly free lookup draft.
+    c = Controller(state(clasp_rate=0.5, copy_rate=0.01), max_draft=8, candidates=[4], probe_every=3)
+    plans = [c.plan(4, 5, 100, match_len=2) for _ in range(3)]
+    assert [p.source for p in plans] == ["plain", "plain", "pld"] and plans[2].max_tokens == 2
 
 
 def test_skip_count_explores_then_exploits():
@@ -124,11 +162,13 @@ def test_skip_count_explores_then_exploits():
     assert c.choose_num_skip(2) == 4
 
 
-def test_acceptance_counts_only_tested_tokens():
-    a = Acceptance(prior=0.5, weight=0.0001, decay=1.0)
-    a.update(4, 4)  # four successes, none failed
-    a.update(4, 1)  # one success, then one failure; the last two were never tested
-    assert a.alpha == pytest.approx(5 / 6, rel=1e-3)
+def test_lookup_reports_how_long_the_match_really_is():
+    def lookup(tokens):
+        return PromptLookupDrafter(min_ngram=1, max_ngram=2, max_tokens=4).lookup(tokens, 10)
+
+    assert lookup([9, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4]) == ([5, 6, 7, 8], 4)  # (3, 4) extends back to 1
+    assert lookup([5, 1, 7, 1]) == ([7, 1], 1)
+    assert lookup([5, 6, 7]) == ([], 0)
 
 
 # ----------------------------------------------------------------------------- losslessness
@@ -138,7 +178,7 @@ def cycle_plans(monkeypatch):
     """Force the controller through every mode in turn: plain, lookup (if found), layer skip."""
     modes = itertools.cycle(["plain", "pld", "clasp"])
 
-    def plan(self, num_skip, lookup_len, budget, lookup_ngram=2):
+    def plan(self, num_skip, lookup_len, budget, match_len=1):
         mode = next(modes)
         if mode == "pld" and lookup_len:
             return Plan("pld", min(lookup_len, budget), 1.0)

@@ -48,10 +48,28 @@ def test_greedy_clasp_equals_transformers_generate(real_model, prompt):
     ids = encode_prompt(tok, prompt)
     cfg = GenerationConfig(max_new_tokens=48)
     ref, _ = hf_generate(model, tok, ids, cfg, eos_ids_of(model, tok))
-    for method in ("clasp", "pld"):
+    for method in ("clasp", "pld", "hybrid"):
         res = generate(model, tok, ids, cfg, method=method)
         assert res.token_ids == ref, method
     assert res.text.strip()
+
+
+def test_long_lookup_drafts_stay_exact(real_model):
+    """Text that repeats a passage: `hybrid` drafts tens of tokens at once, and verifying that many rows
+    must still give plain decoding's tokens (bf16 kernels change past a row count the runner knows)."""
+    model, tok = real_model
+    passage = (
+        "The committee reviewed the annual budget, approved funding for the new library wing, postponed the "
+        "decision on road repairs until spring, and asked the treasurer to publish the full accounts online."
+    )
+    ids = encode_prompt(tok, f"Repeat the following paragraph exactly, twice.\n\n{passage}")
+    cfg = GenerationConfig(max_new_tokens=96)
+    ref, _ = hf_generate(model, tok, ids, cfg, eos_ids_of(model, tok))
+    res = generate(model, tok, ids, cfg, method="hybrid")
+    assert res.token_ids == ref
+    limit = runner_for(model).numerics.max_verify_drafts
+    longest = max(res.stats.draft_lengths)
+    assert longest > 10 and (limit is None or longest <= limit)
 
 
 def test_clasp_drafts_are_accepted_on_a_real_model(real_model):

@@ -140,3 +140,40 @@ def test_layer_candidates_refuse_to_overwrite_verified_slots():
     cache.rollback(12)
     with pytest.raises(ValueError, match="would overwrite verified cache slots"):
         runner.layer_candidates(cache, 1, torch.randn(2, model.config.hidden_size), 5)
+
+
+def test_linear_probe_finds_how_many_rows_stay_exact(monkeypatch):
+    """A kernel that changes its summation order past some batch size is caught, with the limit."""
+    from clasp_decoding import numerics
+
+    weight = torch.randn(64, 48, dtype=torch.bfloat16)
+    plain = torch.nn.functional.linear
+
+    def switching(x, w, b=None):  # exact up to 8 rows, then (like bf16 past 32 rows here) not
+        y = plain(x, w, b)
+        return y + 1e-2 if x.shape[0] > 8 else y
+
+    monkeypatch.setattr(torch.nn.functional, "linear", switching)
+    mode, limit = numerics.probe_linear(weight, None, rows=4)
+    assert limit == 8 and mode != "inexact"
+    mode, _ = numerics.probe_linear(weight, None, rows=16)  # inexact within the rows that must agree
+    assert mode == "inexact"
+
+
+def test_verification_never_exceeds_the_exact_row_limit():
+    from dataclasses import replace
+
+    from clasp_decoding.config import GenerationConfig
+    from clasp_decoding.decoding import decode, start_session
+    from conftest import hf_greedy
+
+    model = tiny_model("llama", seed=9)
+    prompt = random_prompt(9, 7) * 4  # lookup finds long continuations
+    runner = ModelRunner(model)
+    runner.numerics = replace(runner.numerics, attention_rowwise=True, linear_mode="invariant", max_rows=4)
+    assert runner.numerics.max_verify_drafts == 3
+    cfg = GenerationConfig(max_new_tokens=30, method="pld", lookup_max_tokens=10)
+    s = start_session(runner, prompt, cfg, set())
+    out = [t for chunk in decode(runner, prompt, cfg, set(), None, s) for t in chunk]
+    assert out == hf_greedy(model, prompt, 30)
+    assert max(s.stats.draft_lengths) == 3

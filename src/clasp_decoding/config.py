@@ -33,11 +33,12 @@ class GenerationConfig:
     skip_layers: tuple[int, ...] | None = None
     draft_vocab: int = 32768
     # Prompt lookup (pld, hybrid).
-    lookup_min_ngram: int = 2
+    lookup_min_ngram: int = 1
     lookup_max_ngram: int = 4
     lookup_max_tokens: int = 10
     # Cost-aware control (hybrid and any method with adaptive=True).
     adaptive: bool = False
+    hybrid_max_lookup: int = 48  # hybrid: longest lookup draft; the controller picks the length by cost
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -111,6 +112,7 @@ class GenerationConfig:
             "lookup_min_ngram",
             "lookup_max_ngram",
             "lookup_max_tokens",
+            "hybrid_max_lookup",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -1,34 +1,45 @@
 """Cost-aware control: per round, draft from the source with the best expected tokens per second, as
 far as pays, or not at all when plain decoding is faster.
 
-It keeps exponentially weighted estimates of what it measures online:
+It keeps estimates of what it measures online:
 
 - the verification time for each number of verified tokens (``t_v(k)``; ``t_v(0)`` is a plain step),
+  interpolated between the lengths measured so far,
 - the tokens and seconds of layer-skip rounds for each skip count ``M`` (layer selection included),
-- prompt lookup's per-token acceptance probability ``alpha_n`` per matched n-gram length ``n``.
+- how likely a prompt-lookup copy continues, per length of the match it extends (:class:`CopyHazard`).
 
 Each round it compares the expected tokens per second of its options with plain decoding's
 ``1 / t_v(0)`` (with a 2% margin):
 
-- prompt lookup, when the context offers a match of ``n`` tokens and ``k`` continuation tokens: a draft
-  whose tokens are each accepted with probability ``alpha_n`` (given the previous one was) yields
-  ``1 + alpha_n (1 - alpha_n^k) / (1 - alpha_n)`` tokens for ``t_v(k)`` (a lookup costs nothing);
+- prompt lookup, when the context offers a match of ``m`` tokens: for each draft length ``k`` the
+  expected tokens ``1 + sum_j P(first j accepted)`` over ``t_v(k)`` (a lookup costs nothing), and the
+  best ``k``. Where verifying more tokens is nearly free (a forward pass bound by reading the weights)
+  and the match is long, it drafts far (tens of tokens into a repeated passage); after a lone common
+  token it drafts little or nothing;
 - the layer-skip draft at skip count ``M``: the tokens per second such rounds actually delivered
   (running means of tokens and of seconds), since the draft-exiting threshold makes their length
   vary. It drafts up to ``max_draft_tokens`` and stops at the first unconfident token; a skip count
   with too few rounds yet is assumed 1.5 times as fast as plain decoding, so that it is tried unless
   prompt lookup promises more.
-When drafting cannot pay it decodes plainly, and probes with a short draft every ``probe_every`` rounds
-so that a change in the text is noticed. The skip count ``M`` is chosen the same way at each layer
-selection, among a few candidates, unexplored ones first.
 
-The estimates live on the model's runner and carry over between generations: they describe the
-machine and the model, not one request, and they only ever change speed, never output.
+When drafting cannot pay it decodes plainly, and probes now and then so that a change in the text is
+noticed: a short lookup draft every ``probe_every`` plain rounds when there is a match, otherwise a
+layer-skip round, at intervals that double while such probes keep losing. The skip count ``M`` is
+chosen the same way at each layer selection, among a few candidates, unexplored ones first.
+
+The estimates live on the model's runner, one set per sampling setting, and carry over between
+generations: they describe the machine, the model and the kind of decoding, not one request, and they
+only ever change speed, never output.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+
+LENGTH_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+"""Lookup draft lengths the controller chooses among (plus the whole match when it is shorter): few
+enough that each gets its verification time measured."""
 
 
 class EMA:
@@ -41,36 +52,57 @@ class EMA:
         self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
 
 
-class Acceptance:
-    """Per-token acceptance probability from rounds of (drafted, accepted), with a prior.
+def match_bin(length: int) -> int:
+    """Bins of match length for :class:`CopyHazard`: 1-4 exactly, then 5-7, 8-15, 16 and more."""
+    return length if length <= 4 else 5 if length < 8 else 8 if length < 16 else 16
 
-    A round with ``a`` of ``k`` drafts accepted contributes ``a`` successes and, if ``a < k``, one failure
-    (tokens after the first rejection were never tested). Counts decay so recent text weighs more."""
 
-    def __init__(self, prior: float = 0.7, weight: float = 2.0, decay: float = 0.95) -> None:
-        self.successes, self.trials = prior * weight, weight
-        self.decay = decay
+class CopyHazard:
+    """How likely a prompt-lookup copy goes on, as a function of how long the match already is.
+
+    A lookup draft copies what followed an earlier occurrence of the context's last ``m`` tokens; its
+    ``j``-th token is tested only if the first ``j - 1`` were accepted, and by then the match is
+    ``m + j - 1`` tokens long. So each round gives, per tested token, one trial of "the copy continued
+    at match length ``m + j - 1``". Long matches (a passage being repeated) continue far more often
+    than 1-token ones: a per-length estimate lets one rule draft 40 tokens into a repeated passage and
+    none after a lone common token. Counts decay so that recent text weighs more; a prior keeps
+    unseen lengths tried."""
+
+    def __init__(
+        self, prior: float = 0.5, weight: float = 2.0, decay: float = 0.98, base: CopyHazard | None = None
+    ) -> None:
+        self.prior, self.weight, self.decay, self.base = prior, weight, decay, base
+        self.continued: dict[int, float] = {}
+        self.tested: dict[int, float] = {}
         self.rounds = 0
 
-    @property
-    def alpha(self) -> float:
-        return min(0.99, self.successes / self.trials)
+    def rate(self, length: int) -> float:
+        """Probability that the copy's next token is accepted when the match is ``length`` tokens long.
+        With a ``base`` (the estimate over earlier text), that is the prior for this text's own counts."""
+        b = match_bin(length)
+        prior = self.base.rate(length) if self.base is not None else self.prior
+        hits = self.continued.get(b, 0.0) + prior * self.weight
+        return min(0.99, hits / (self.tested.get(b, 0.0) + self.weight))
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, match_len: int, drafted: int, accepted: int) -> None:
+        """One round: ``accepted`` of ``drafted`` lookup tokens after a match of ``match_len`` tokens."""
         if drafted <= 0:
             return
-        self.successes = self.decay * self.successes + accepted
-        self.trials = self.decay * self.trials + accepted + (1 if accepted < drafted else 0)
         self.rounds += 1
+        for j in range(min(accepted + 1, drafted)):  # tokens after the first rejection were never tested
+            b = match_bin(match_len + j)
+            self.tested[b] = self.decay * self.tested.get(b, 0.0) + 1
+            self.continued[b] = self.decay * self.continued.get(b, 0.0) + (1 if j < accepted else 0)
+        if self.base is not None:
+            self.base.update(match_len, drafted, accepted)
 
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens one round yields with a ``k``-token draft of per-token acceptance ``alpha`` (bonus included)."""
-    if k <= 0:
-        return 1.0
-    if alpha >= 0.999:
-        return 1.0 + k
-    return 1.0 + alpha * (1 - alpha**k) / (1 - alpha)
+    def expected(self, match_len: int, k: int) -> list[float]:
+        """Expected tokens of a round drafting ``0 .. k`` lookup tokens (the target's own token included)."""
+        out, survive = [1.0], 1.0
+        for j in range(k):
+            survive *= self.rate(match_len + j)
+            out.append(out[-1] + survive)
+        return out
 
 
 @dataclass
@@ -86,16 +118,11 @@ class ControllerState:
 
     num_layers: int
     verify: dict[int, EMA] = field(default_factory=dict)
-    lookup: dict[int, Acceptance] = field(default_factory=dict)
+    lookup: CopyHazard = field(default_factory=CopyHazard)
     skip_sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # the last DP result per skip count
     realized: dict[tuple, tuple[EMA, EMA]] = field(default_factory=dict)
     realized_rounds: dict[tuple, int] = field(default_factory=dict)
-
-    def lookup_acceptance(self, ngram: int) -> Acceptance:
-        """Prompt lookup's acceptance, per length of the matched n-gram (longer matches are surer)."""
-        if ngram not in self.lookup:
-            self.lookup[ngram] = Acceptance(prior=0.5, decay=0.8)
-        return self.lookup[ngram]
+    skip_probe_every: int = 0  # plain rounds between layer-skip probes; doubles while probes lose
 
     def realize(self, key: tuple, tokens: int, seconds: float) -> None:
         pair = self.realized.setdefault(key, (EMA(decay=0.9), EMA(decay=0.9)))
@@ -113,15 +140,23 @@ class ControllerState:
         return tokens.value / seconds.value if seconds.value else None
 
     def t_verify(self, k: int) -> float | None:
-        """Measured verification time for ``k`` drafts; unmeasured lengths borrow the nearest measured one
-        (verification cost is nearly flat in ``k`` while a forward pass is bound by reading weights)."""
-        known = {n: e.value for n, e in self.verify.items() if e.value is not None}
+        """Verification time for ``k`` drafts: measured, else interpolated between the nearest measured
+        lengths, else extrapolated from the longest one at the steepest slope seen so far (at least the
+        average slope from a plain step). Optimistic while little is known, so longer drafts get tried
+        and measured."""
+        known = sorted((n, e.value) for n, e in self.verify.items() if e.value is not None)
         if not known:
             return None
-        if k in known:
-            return known[k]
-        nearest = min(known, key=lambda n: (abs(n - k), -n))
-        return known[nearest]
+        for (n0, t0), (n1, t1) in itertools.pairwise(known):
+            if n0 <= k <= n1:
+                return t0 + (t1 - t0) * (k - n0) / (n1 - n0)
+        if k < known[0][0]:
+            return known[0][1]
+        (n0, t0), (n1, t1) = known[0], known[-1]
+        slope = (t1 - t0) / (n1 - n0) if n1 > n0 else 0.0
+        if len(known) > 1:
+            slope = max(slope, (t1 - known[-2][1]) / (n1 - known[-2][0]))
+        return t1 + max(0.0, slope) * (k - n1)
 
 
 class Controller:
@@ -135,14 +170,21 @@ class Controller:
         candidates: list[int],
         probe_every: int = 12,
         margin: float = 1.02,
+        layer_skip: bool = True,
+        local_weight: float = 4.0,
     ) -> None:
         self.state = state
         self.max_draft = max_draft
         self.candidates = sorted(set(candidates))
         self.probe_every = probe_every
         self.margin = margin
+        self.layer_skip = layer_skip
         self.explore_gain = 1.5
         self.plain_streak = 0
+        # This text's own copy statistics, starting from (and feeding) those of earlier text.
+        self.copies = CopyHazard(weight=local_weight, decay=1.0, base=state.lookup)
+        if not state.skip_probe_every:
+            state.skip_probe_every = probe_every
 
     def clasp_rate(self, num_skip: int, budget: int) -> tuple[int, float]:
         """Draft length and expected tokens/s for layer skipping at ``num_skip``.
@@ -158,34 +200,51 @@ class Controller:
             return k, (self.explore_gain / t0) if t0 else float("inf")
         return k, seen
 
-    def plan(self, num_skip: int, lookup_len: int, budget: int, lookup_ngram: int = 2) -> Plan:
-        """This round: draft from prompt lookup (when it found ``lookup_len`` tokens after a match of
-        ``lookup_ngram`` tokens), from the layer-skip draft, or not at all, whichever promises the most
-        tokens per second."""
+    def lookup_plan(self, match_len: int, found: int, budget: int) -> Plan:
+        """The lookup draft length with the best expected tokens per second (0: none pays)."""
         s = self.state
-        if budget <= 0:
-            return Plan("plain", 0, 0.0)
+        limit = min(found, budget)
+        expected = self.copies.expected(match_len, limit)
+        best = Plan("pld", 0, 0.0)
+        for k in sorted({n for n in LENGTH_LADDER if n < limit} | {limit}):
+            tv = s.t_verify(k)
+            rate = expected[k] / tv if tv else float("inf")
+            if rate > best.rate:
+                best = Plan("pld", k, rate)
+        return best
+
+    def plan(self, num_skip: int, lookup_len: int, budget: int, match_len: int = 1) -> Plan:
+        """This round: draft from prompt lookup (when it found ``lookup_len`` continuation tokens after a
+        match of ``match_len`` tokens), from the layer-skip draft, or not at all, whichever promises the
+        most tokens per second."""
+        s = self.state
         t0 = s.t_verify(0)
-        plain = 1.0 / t0 if t0 else 0.0
+        if budget <= 0 or t0 is None:  # the first round is plain: it measures the reference
+            return Plan("plain", 0, 0.0)
+        plain = 1.0 / t0
         options = []
         if lookup_len > 0:
-            k = min(lookup_len, budget)
-            tv = s.t_verify(k)
-            rate = expected_tokens(s.lookup_acceptance(lookup_ngram).alpha, k) / tv if tv else float("inf")
-            options.append(Plan("pld", k, rate))
-        k, rate = self.clasp_rate(num_skip, budget)
-        if k > 0 and s.t_verify(0) is not None:  # the first round is plain: it measures the reference
+            look = self.lookup_plan(match_len, lookup_len, budget)
+            if look.max_tokens > 0:
+                options.append(look)
+        if self.layer_skip:
+            k, rate = self.clasp_rate(num_skip, budget)
             options.append(Plan("clasp", k, rate))
         best = max(options, key=lambda p: p.rate, default=Plan("plain", 0, plain))
         if best.rate > plain * self.margin:
             self.plain_streak = 0
+            if best.source == "clasp":
+                s.skip_probe_every = self.probe_every
             return best
         self.plain_streak += 1
-        if self.plain_streak >= self.probe_every:  # look again: the text may have become predictable
+        if lookup_len > 0 and self.plain_streak % self.probe_every == 0:
+            # Look again, cheaply: a short lookup draft refreshes the estimate for this match length.
+            return Plan("pld", min(lookup_len, budget, 2), best.rate)
+        if self.layer_skip and self.plain_streak >= s.skip_probe_every:
+            # A probe is a real round (same cap), so that its measured rate means what it says; while
+            # probes keep losing they come ever more rarely.
             self.plain_streak = 0
-            if lookup_len > 0:  # the cheaper probe
-                return Plan("pld", min(lookup_len, budget), best.rate)
-            # A probe is a real round (same cap), so that its measured rate means what it says.
+            s.skip_probe_every = min(8 * self.probe_every, 2 * s.skip_probe_every)
             return Plan("clasp", min(self.max_draft, budget), best.rate)
         return Plan("plain", 0, plain)
 
@@ -210,11 +269,11 @@ class Controller:
         verify_seconds: float,
         draft_seconds: float,
         num_skip: int,
-        lookup_ngram: int = 2,
+        match_len: int = 1,
     ) -> None:
         s = self.state
         s.verify.setdefault(drafted, EMA()).update(verify_seconds)
         if source == "clasp" and drafted:
             s.realize(("clasp", num_skip), accepted + 1, draft_seconds + verify_seconds)
         elif source == "pld" and drafted:
-            s.lookup_acceptance(lookup_ngram).update(drafted, accepted)
+            self.copies.update(match_len, drafted, accepted)

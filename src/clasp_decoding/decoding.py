@@ -104,6 +104,7 @@ def decode(
     drafter = drafter or make_drafter(config)
     stats = s.stats
     stats.prompt_tokens = s.prompt_len
+    exact_limit = getattr(getattr(runner, "numerics", None), "max_verify_drafts", None)
     t_start = time.perf_counter()
     try:
         # Prefill: every prompt token through every layer; the first new token comes from its last row.
@@ -123,7 +124,8 @@ def decode(
         while True:
             budget = config.max_new_tokens - s.generated
             t0 = time.perf_counter()
-            draft = drafter.propose(s, budget - 1) if budget > 1 else Draft([], None, "plain")
+            room = budget - 1 if exact_limit is None else min(budget - 1, exact_limit)
+            draft = drafter.propose(s, room) if room > 0 else Draft([], None, "plain")
             s.draft_seconds = time.perf_counter() - t0
             stats.time_draft += s.draft_seconds
             tokens = _verify(s, drafter, draft)

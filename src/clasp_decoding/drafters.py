@@ -149,6 +149,10 @@ class LayerSkipDrafter(Drafter):
             self.select(session, hidden[:, accepted], session.position - 1)
 
 
+MATCH_SPAN = 64
+"""How far back a lookup match is measured (the controller bins lengths of 16 and more together)."""
+
+
 class PromptLookupDrafter(Drafter):
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n first)
     and propose the tokens that followed it. The n-gram index grows by a few dict inserts per token."""
@@ -178,13 +182,20 @@ class PromptLookupDrafter(Drafter):
         self.indexed = max(self.indexed, len(tokens) - 1)
 
     def lookup(self, tokens: list[int], max_tokens: int) -> tuple[list[int], int]:
-        """The continuation of the longest earlier match of the context's suffix and that match's
-        length, or ``([], 0)``."""
+        """The continuation of the longest earlier match of the context's suffix, and how long that match
+        really is (counted backwards past ``max_ngram``, up to ``MATCH_SPAN``); ``([], 0)`` if none."""
         self._extend(tokens)
         for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
             follow = self.index.get(tuple(tokens[-n:]))
             if follow is not None:
-                return tokens[follow : follow + min(max_tokens, self.max_tokens)], n
+                length, last = n, len(tokens) - 1
+                while (
+                    length < MATCH_SPAN
+                    and follow - 1 - length >= 0
+                    and tokens[follow - 1 - length] == tokens[last - length]
+                ):
+                    length += 1
+                return tokens[follow : follow + min(max_tokens, self.max_tokens)], length
         return [], 0
 
     def propose(self, session: Session, max_tokens: int) -> Draft:

@@ -24,12 +24,17 @@ SKIP_RATIOS = (0.2, 0.3, 0.4, 0.5)
 """Skip counts the controller may choose among, as fractions of the layers (plus the configured one)."""
 
 
-def controller_state(runner) -> ControllerState:
-    """The runner's controller estimates, created on first use and kept across generations."""
-    state = getattr(runner, "controller_state", None)
-    if state is None:
-        state = runner.controller_state = ControllerState(runner.num_layers)
-    return state
+def controller_state(runner, sampling) -> ControllerState:
+    """The runner's controller estimates for these sampling settings, created on first use and kept
+    across generations (acceptance differs between greedy decoding and each temperature, so each
+    setting learns its own)."""
+    states = getattr(runner, "controller_states", None)
+    if states is None:
+        states = runner.controller_states = {}
+    key = (sampling.temperature, sampling.top_k, sampling.top_p)
+    if key not in states:
+        states[key] = ControllerState(runner.num_layers)
+    return states[key]
 
 
 class HybridDrafter(Drafter):
@@ -42,7 +47,7 @@ class HybridDrafter(Drafter):
         self.controller: Controller | None = None
         self.state: ControllerState | None = None
         self.prompt_hidden: torch.Tensor | None = None
-        self.ngram = 0
+        self.match_len = 0
         self.rounds_since_layer_skip = 1 << 30  # no layer selection until layer skipping is used
         self.adapt_skip = True
         self.need_selection = False
@@ -54,8 +59,9 @@ class HybridDrafter(Drafter):
         cfg = session.config
         if self.use_lookup:
             self.lookup.start(session, prompt_hidden)
+            self.lookup.max_tokens = cfg.hybrid_max_lookup  # the controller picks the length within it
         layers = session.runner.num_layers
-        self.state = controller_state(session.runner)
+        self.state = controller_state(session.runner, cfg.sampling)
         candidates = {max(1, min(layers - 1, round(r * layers))) for r in SKIP_RATIOS} | {cfg.num_skipped(layers)}
         self.controller = Controller(self.state, max_draft=cfg.max_draft_tokens, candidates=sorted(candidates))
         self.adapt_skip = cfg.skip_layers is None and cfg.num_skip is None
@@ -89,8 +95,8 @@ class HybridDrafter(Drafter):
             self.need_selection = True
 
     def propose(self, session: Session, max_tokens: int) -> Draft:
-        found, self.ngram = self.lookup.lookup(session.tokens, max_tokens) if self.use_lookup else ([], 0)
-        plan = self.controller.plan(self.skip.num_skip, len(found), max_tokens, self.ngram)
+        found, self.match_len = self.lookup.lookup(session.tokens, max_tokens) if self.use_lookup else ([], 0)
+        plan = self.controller.plan(self.skip.num_skip, len(found), max_tokens, self.match_len)
         if plan.source == "pld":
             return Draft(found[: plan.max_tokens], None, "pld")
         if plan.source == "clasp":
@@ -108,7 +114,7 @@ class HybridDrafter(Drafter):
             session.verify_seconds,
             session.draft_seconds,
             self.skip.num_skip,
-            self.ngram,
+            self.match_len,
         )
         self.rounds_since_layer_skip = 0 if draft.source == "clasp" else self.rounds_since_layer_skip + 1
         if hidden is None or not self.skip.dynamic:

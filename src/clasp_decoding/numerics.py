@@ -14,7 +14,9 @@ order rounds differently, and near-ties between the two best tokens then flip. T
   or more rows; with two or more, each row's result does not depend on the number of rows. So a linear
   layer is never run on a single row: it gets a duplicate row and keeps the first output
   (:func:`install_linear_padding`). A probe at install time checks this property on the actual
-  hardware, dtype and shapes, and says so when it does not hold.
+  hardware, dtype and shapes, and says so when it does not hold. It also finds up to how many rows it
+  holds (bf16 on this project's CPUs switches kernels past 32 rows): the decoding loop never verifies
+  more drafts than that in one call.
 
 Both are installed on the model itself, so ``transformers``' own ``generate`` on the same model computes
 with the same numerics and is the exact reference. They do not change what is computed, only which
@@ -31,6 +33,8 @@ import torch
 from torch import nn
 
 WRAPPABLE = ("sdpa", "eager")
+ROW_LADDER = (2, 3, 4, 5, 8, 9, 12, 16, 17, 24, 31, 32, 33, 40, 48, 56, 63, 64, 65)
+"""Row counts the linear probe tries: around the powers of two where kernels change blocking."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,13 @@ class NumericsReport:
 
     attention_rowwise: bool
     linear_mode: str  # "invariant" (nothing needed), "padded" (single rows padded) or "inexact"
+    max_rows: int = ROW_LADDER[-1]  # the most rows one call may have and stay row-exact
+
+    @property
+    def max_verify_drafts(self) -> int | None:
+        """The longest draft one verification may check and stay bit-exact (``None``: no exactness to
+        keep, so no limit)."""
+        return self.max_rows - 1 if self.exact else None
 
     @property
     def exact(self) -> bool:
@@ -157,49 +168,58 @@ def _unpad_hook(module, args, output):
     return None
 
 
-def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 16, seed: int = 0) -> str:
+def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 16, seed: int = 0) -> tuple[str, int]:
     """Whether a linear layer's rows are batch-invariant as is (``"invariant"``), when never run on a
-    single row (``"padded"``), or neither (``"inexact"``), on this weight's device and dtype. Rounding
-    differences are rare per element, so the probe compares many rows and several batch sizes."""
+    single row (``"padded"``), or neither (``"inexact"``), on this weight's device and dtype; and up to
+    how many rows that holds (a kernel may change its blocking for larger batches: bf16 on this project's
+    CPUs does past 32 rows). Rounding differences are rare per element, so the probe compares many rows
+    and several batch sizes."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(rows, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+    x = torch.randn(ROW_LADDER[-1], weight.shape[1], generator=g).to(weight.device, weight.dtype)
     f = torch.nn.functional.linear
     with torch.inference_mode():
-        batched = f(x, weight, bias)
-        prefixes = all(torch.equal(f(x[:m], weight, bias), batched[:m]) for m in (2, 3, 5, 9) if m < rows)
-        if not prefixes:
-            return "inexact"
+        batched = f(x[:rows], weight, bias)
+        limit = 1
+        for m in ROW_LADDER:
+            n = min(m, rows)
+            if not torch.equal(f(x[:m], weight, bias)[:n], batched[:n]):
+                break
+            limit = m
+        if limit < rows:
+            return "inexact", limit
         if all(torch.equal(f(x[i : i + 1].clone(), weight, bias)[0], batched[i]) for i in range(rows)):
-            return "invariant"
+            return "invariant", limit
         if all(torch.equal(f(x[[i, i]], weight, bias)[0], batched[i]) for i in range(rows)):
-            return "padded"
-    return "inexact"
+            return "padded", limit
+    return "inexact", limit
 
 
-def install_linear_padding(model) -> str:
+def install_linear_padding(model) -> tuple[str, int]:
     """Probe every distinct linear shape of the model; pad single rows where that makes rows invariant.
-    Returns the model's overall mode: ``"invariant"``, ``"padded"`` or ``"inexact"``."""
+    Returns the model's overall mode (``"invariant"``, ``"padded"`` or ``"inexact"``) and the most rows
+    one call may have for that to hold."""
     if getattr(model, "_clasp_linear_mode", None):
         return model._clasp_linear_mode
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    verdicts: dict[tuple, str] = {}
+    verdicts: dict[tuple, tuple[str, int]] = {}
     for m in linears:
         key = (tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)
         if key not in verdicts:
             verdicts[key] = probe_linear(m.weight, m.bias)
     for m in linears:
-        if verdicts[(tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)] == "padded":
+        if verdicts[(tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)][0] == "padded":
             m.register_forward_pre_hook(_pad_pre_hook)
             m.register_forward_hook(_unpad_hook)
-    modes = set(verdicts.values())
+    modes = {v[0] for v in verdicts.values()}
     mode = "inexact" if "inexact" in modes else ("padded" if "padded" in modes else "invariant")
-    model._clasp_linear_mode = mode
-    return mode
+    limit = min((v[1] for v in verdicts.values()), default=ROW_LADDER[-1])
+    model._clasp_linear_mode = (mode, limit)
+    return mode, limit
 
 
 def install(model) -> NumericsReport:
     """Install both; warn once if greedy exactness cannot be guaranteed on this hardware."""
-    report = NumericsReport(install_attention(model), install_linear_padding(model))
+    report = NumericsReport(install_attention(model), *install_linear_padding(model))
     if not report.exact and not getattr(model, "_clasp_warned", False):
         model._clasp_warned = True
         warnings.warn(
