@@ -18,6 +18,7 @@ $(BIN)/clasp: pyproject.toml
 setup: $(BIN)/clasp
 
 demo: setup
+	$(BIN)/clasp generate --method clasp --compare "$(PROMPT)"
 	$(BIN)/clasp generate --compare "$(PROMPT)"
 
 test: setup

@@ -121,7 +121,7 @@ def check_tiny(device, capture) -> dict:
                 eos_token_id=None,
                 pad_token_id=0,
             )[0, len(prompt) :].tolist()
-        cfg = GenerationConfig(max_new_tokens=32, num_skip=2, draft_exit_threshold=0.0)
+        cfg = GenerationConfig(max_new_tokens=32, method="clasp", num_skip=2, draft_exit_threshold=0.0)
         same += greedy_tokens(model, runner, prompt, cfg) == ref
     return {"tiny_fp32_identical": f"{same}/4"}
 

@@ -134,6 +134,18 @@ def test_lookup_length_follows_the_match_and_the_cost_of_verifying():
     assert c.plan(4, 48, 100, match_len=1).source == "pld"
 
 
+def test_each_text_learns_its_own_copy_rates():
+    """Estimates from earlier text are the prior; this text's own lookups move its estimate fast."""
+    s = state(clasp_rate=0.5, copy_rate=0.6)
+    c = Controller(s, max_draft=8, candidates=[4])
+    assert c.copies.rate(1) == pytest.approx(0.6, abs=1e-3)
+    for _ in range(12):  # here, copies after single-token matches keep failing at once
+        c.observe("pld", 4, 0, verify_seconds=1.03, draft_seconds=0.0, num_skip=4, match_len=1)
+    assert c.copies.rate(1) < 0.2 and s.lookup.rate(1) > 0.5  # the long-run estimate moves slowly
+    fresh = Controller(s, max_draft=8, candidates=[4])  # the next text starts from the long-run estimate
+    assert fresh.copies.rate(1) == pytest.approx(s.lookup.rate(1))
+
+
 def test_probes_now_and_then_while_decoding_plainly():
     s = state(clasp_rate=0.5)
     c = Controller(s, max_draft=8, candidates=[4], probe_every=5)

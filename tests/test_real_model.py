@@ -74,7 +74,7 @@ def test_long_lookup_drafts_stay_exact(real_model):
 
 def test_clasp_drafts_are_accepted_on_a_real_model(real_model):
     model, tok = real_model
-    res = generate(model, tok, PROMPTS[2], max_new_tokens=64)
+    res = generate(model, tok, PROMPTS[2], max_new_tokens=64, method="clasp")
     st = res.stats
     assert st.mean_accepted_tokens > 1.3 and st.acceptance_rate > 0.3
     assert st.layer_selections >= 1 and st.skip_sets

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .errors import ConfigError
 from .sampling import SamplingParams
 
-METHODS = ("clasp", "static", "pld", "hybrid", "ar")
-"""Drafting strategies: CLaSp's dynamic layer skip, a fixed skip set, prompt lookup, prompt lookup with a
-CLaSp fallback, and none at all (plain autoregressive decoding through the same loop)."""
+METHODS = ("hybrid", "clasp", "static", "pld", "ar")
+"""Drafting strategies: prompt lookup or CLaSp's layer skip or nothing, per round, under cost-aware
+control (the default); CLaSp's dynamic layer skip alone; a fixed skip set; prompt lookup; and none at all
+(plain autoregressive decoding through the same loop)."""
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class GenerationConfig:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    method: str = "clasp"
+    method: str = "hybrid"  # prompt lookup, CLaSp's layer skip or plain decoding, per round, by cost
     # Layer skipping (clasp, static, hybrid).
     skip_ratio: float = 0.3
     num_skip: int | None = None

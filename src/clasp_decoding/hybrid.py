@@ -1,6 +1,10 @@
 """Hybrid drafting under cost-aware control: prompt lookup where the context offers a match, CLaSp's
 layer-skip draft elsewhere, plain decoding when neither pays (see :mod:`.controller`).
 
+Lookup drafts may be long (up to ``hybrid_max_lookup`` tokens): the controller sizes each one from how
+long the match is and what verifying that many tokens measured, so a repeated passage is drafted tens
+of tokens at a time and a lone common token not at all.
+
 Verification is the loop's, unchanged, so the output is exactly the model's whatever each round chose.
 ``method="hybrid"`` uses both sources; ``method="clasp", adaptive=True`` uses the layer-skip draft alone
 under the same control.
