@@ -110,7 +110,7 @@ def test_openai_client_chat_and_completions(server, local):
     assert chat.choices[0].message.content == want
     assert chat.usage.completion_tokens > 0 and chat.choices[0].finish_reason in ("stop", "length")
     extra = chat.model_extra["clasp"]
-    assert extra["method"] == "clasp" and extra["mean_accepted_tokens"] >= 1.0
+    assert extra["method"] == "hybrid" and extra["mean_accepted_tokens"] >= 1.0
 
     pieces, finish, usage = [], None, None
     for ev in client.chat.completions.create(

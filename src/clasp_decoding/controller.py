@@ -123,6 +123,7 @@ class ControllerState:
     realized: dict[tuple, tuple[EMA, EMA]] = field(default_factory=dict)
     realized_rounds: dict[tuple, int] = field(default_factory=dict)
     skip_probe_every: int = 0  # plain rounds between layer-skip probes; doubles while probes lose
+    fixed_costs: bool = False  # verification costs are a given model, not measured (reproducible runs)
 
     def realize(self, key: tuple, tokens: int, seconds: float) -> None:
         pair = self.realized.setdefault(key, (EMA(decay=0.9), EMA(decay=0.9)))
@@ -272,7 +273,8 @@ class Controller:
         match_len: int = 1,
     ) -> None:
         s = self.state
-        s.verify.setdefault(drafted, EMA()).update(verify_seconds)
+        if not s.fixed_costs:
+            s.verify.setdefault(drafted, EMA()).update(verify_seconds)
         if source == "clasp" and drafted:
             s.realize(("clasp", num_skip), accepted + 1, draft_seconds + verify_seconds)
         elif source == "pld" and drafted:

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import torch
 
-from .controller import Controller, ControllerState
+from .controller import EMA, LENGTH_LADDER, Controller, ControllerState
 from .drafters import Draft, Drafter, LayerSkipDrafter, PromptLookupDrafter
 from .layer_select import every_other_middle
 from .session import Session
 
 SKIP_RATIOS = (0.2, 0.3, 0.4, 0.5)
 """Skip counts the controller may choose among, as fractions of the layers (plus the configured one)."""
+
+
+FIXED_COST_PER_DRAFT = 0.015
+"""Seeded sampling's verification-cost model, in plain steps per drafted token (measured here: 8 drafts
+cost 1.10 steps, 24 drafts 1.36; scripts/verify_cost.py)."""
 
 
 def controller_state(runner, sampling) -> ControllerState:
@@ -65,9 +70,18 @@ class HybridDrafter(Drafter):
             self.lookup.start(session, prompt_hidden)
             self.lookup.max_tokens = cfg.hybrid_max_lookup  # the controller picks the length within it
         layers = session.runner.num_layers
-        self.state = controller_state(session.runner, cfg.sampling)
         candidates = {max(1, min(layers - 1, round(r * layers))) for r in SKIP_RATIOS} | {cfg.num_skipped(layers)}
-        self.controller = Controller(self.state, max_draft=cfg.max_draft_tokens, candidates=sorted(candidates))
+        if cfg.seed is not None and not cfg.sampling.greedy and self.use_lookup:
+            # A seed must reproduce the sample. Which drafts a round makes changes which random numbers
+            # the sampler draws, so no decision may depend on timings or on earlier requests: a fresh
+            # state, a fixed verification-cost model instead of measured times, lookup drafts only.
+            self.state = ControllerState(layers, fixed_costs=True)
+            for k in (0, *LENGTH_LADDER):
+                self.state.verify[k] = EMA(value=1.0 + FIXED_COST_PER_DRAFT * k)
+            self.controller = Controller(self.state, max_draft=cfg.max_draft_tokens, candidates=[], layer_skip=False)
+        else:
+            self.state = controller_state(session.runner, cfg.sampling)
+            self.controller = Controller(self.state, max_draft=cfg.max_draft_tokens, candidates=sorted(candidates))
         self.adapt_skip = cfg.skip_layers is None and cfg.num_skip is None
         num_skip = self.controller.choose_num_skip(cfg.num_skipped(layers)) if self.adapt_skip else None
         self.skip.configure(session, num_skip)
