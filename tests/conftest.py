@@ -59,6 +59,34 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     return model.to(dtype).eval()
 
 
+def run_tokens(target, prompt, cfg, eos=(), chunks=None, sampler_mode=None):
+    """Generate with the project's loop on a model (through its registry) or a runner; return the new
+    tokens and the finished :class:`~clasp_decoding.decoding.Generation` (its ``stats`` and ``state``)."""
+    from clasp_decoding.context import model_state
+    from clasp_decoding.decoding import Generation
+    from clasp_decoding.drafting.registry import make_drafter
+    from clasp_decoding.runner import ModelRunner
+    from clasp_decoding.state import ModelState
+
+    state = ModelState(target) if isinstance(target, ModelRunner) else model_state(target)
+    gen = Generation(
+        state.runner, prompt, cfg, make_drafter(cfg), model=state, eos_ids=frozenset(eos), sampler_mode=sampler_mode
+    )
+    out = []
+    for chunk in gen:
+        out.extend(chunk.token_ids)
+        if chunks is not None:
+            chunks.append(list(chunk.token_ids))
+    return out, gen
+
+
+def scratch_cache(runner, capacity: int):
+    """A KV cache of ``capacity`` slots for direct runner calls (generations size theirs themselves)."""
+    from clasp_decoding.kv_cache import KVCache
+
+    return KVCache(runner.num_layers, capacity, runner.dtype)
+
+
 def random_prompt(seed: int, length: int, vocab: int = 97) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (length,), generator=g).tolist()

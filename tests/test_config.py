@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clasp_decoding import ConfigError, GenerationConfig, InputError, generate
-from clasp_decoding.api import runner_for
-from clasp_decoding.decoding import start_session
-from conftest import random_prompt, tiny_model
+from conftest import random_prompt, run_tokens, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -21,7 +19,15 @@ from conftest import random_prompt, tiny_model
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=-1), "top_k must be an integer >= 0"),
-        (dict(seed=-1), "seed must be a non-negative integer"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*64\)"),
+        (dict(seed=2**64), r"seed must be an integer in \[0, 2\*\*64\)"),
+        (dict(min_new_tokens=200), r"min_new_tokens must be an integer in \[0, max_new_tokens\]"),
+        (dict(lookup_max_ngram=17), "lookup_max_ngram must be a positive integer and at most 16"),
+        (dict(max_draft_tokens=1000), "max_draft_tokens must be a positive integer and at most 256"),
+        (dict(draft_quant="fp4"), "Unknown draft_quant 'fp4'"),
+        (dict(stop=5), "stop must be a list"),
+        (dict(skip_layers=3), "skip_layers must be a list"),
+        (dict(skip_layers=("a",)), "skip_layers must be a list of layer indices"),
         (dict(method="medusa"), "Unknown method 'medusa'"),
         (dict(skip_ratio=1.0), r"skip_ratio must be in \(0, 1\)"),
         (dict(num_skip=0), "num_skip must be a positive integer"),
@@ -41,14 +47,13 @@ def test_bad_parameters(changes, message):
 
 def test_model_dependent_parameters():
     model = tiny_model("llama", layers=6)
-    runner = runner_for(model)
     prompt = random_prompt(1, 5)
     with pytest.raises(ConfigError, match="num_skip=6 must be below the model's 6 layers"):
-        start_session(runner, prompt, GenerationConfig(num_skip=6), set())
+        run_tokens(model, prompt, GenerationConfig(num_skip=6))
     with pytest.raises(ConfigError, match=r"skip_layers \[7\] are not layer indices of a 6-layer model"):
-        start_session(runner, prompt, GenerationConfig(method="static", skip_layers=(1, 7)), set())
+        run_tokens(model, prompt, GenerationConfig(method="static", skip_layers=(1, 7)))
     with pytest.raises(ConfigError, match="leave at least one layer"):
-        start_session(runner, prompt, GenerationConfig(method="static", skip_layers=tuple(range(6))), set())
+        run_tokens(model, prompt, GenerationConfig(method="static", skip_layers=tuple(range(6))))
 
 
 def test_bad_prompts(tiny_model_dir):

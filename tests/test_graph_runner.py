@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clasp_decoding.api import use_graphs
 from clasp_decoding.config import GenerationConfig
-from clasp_decoding.decoding import decode, start_session
+from clasp_decoding.context import use_graphs
+from clasp_decoding.errors import InputError
 from clasp_decoding.runner import ModelRunner
-from conftest import ARCHS, hf_greedy, random_prompt, tiny_model
+from conftest import ARCHS, hf_greedy, random_prompt, run_tokens, scratch_cache, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -17,9 +17,9 @@ def test_static_forward_matches_eager_runner(arch):
     model = tiny_model(arch, seed=1)
     eager = ModelRunner(model)
     ids = torch.tensor(random_prompt(1, 40))  # longer than the largest bucket: the one-call eager path
-    ref, ref_hidden = eager.forward(eager.new_cache(64), ids, 0, collect_hidden=True)
-    runner = use_graphs(model, capacity=128, capture=False)
-    cache = runner.new_cache(64)
+    ref, ref_hidden = eager.forward(scratch_cache(eager, 64), ids, 0, collect_hidden=True)
+    runner = use_graphs(model, capacity=128, capture=False).runner
+    cache = runner.new_cache(30, 20)
     logits, hidden = runner.forward(cache, ids[:30], 0, collect_hidden=True)
     torch.testing.assert_close(logits, ref[:30], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hidden, ref_hidden[:, :30], rtol=1e-4, atol=1e-4)
@@ -35,13 +35,13 @@ def test_static_candidates_match_eager_candidates():
     model = tiny_model("qwen2", seed=2)
     eager = ModelRunner(model)
     ids = torch.tensor(random_prompt(2, 12))
-    c1 = eager.new_cache(64)
+    c1 = scratch_cache(eager, 64)
     _, hidden = eager.forward(c1, ids, 0, collect_hidden=True)
     c1.rollback(12)
     states = torch.randn(3, model.config.hidden_size)
     ref = eager.layer_candidates(c1, 2, states, 11)
-    runner = use_graphs(model, capacity=64, capture=False)
-    c2 = runner.new_cache(40)
+    runner = use_graphs(model, capacity=64, capture=False).runner
+    c2 = runner.new_cache(12, 20)
     runner.forward(c2, ids, 0)
     c2.rollback(12)
     torch.testing.assert_close(runner.layer_candidates(c2, 2, states, 11), ref, rtol=1e-4, atol=1e-4)
@@ -54,7 +54,7 @@ def test_static_path_generates_the_same_tokens(arch, method):
         model = tiny_model(arch, seed=seed)
         prompt = random_prompt(700 + seed, 7) * 2
         ref = hf_greedy(model, prompt, 40)
-        runner = use_graphs(model, capacity=128, capture=False)
+        use_graphs(model, capacity=128, capture=False)
         cfg = GenerationConfig(
             max_new_tokens=40,
             method=method,
@@ -63,13 +63,13 @@ def test_static_path_generates_the_same_tokens(arch, method):
             layer_opt_interval=3,
             lookup_min_ngram=1,
         )
-        s = start_session(runner, prompt, cfg, set())
-        out = [t for chunk in decode(runner, prompt, cfg, set(), None, s) for t in chunk]
+        out, _ = run_tokens(model, prompt, cfg)
         assert out == ref, (arch, method, seed)
 
 
 def test_capacity_is_enforced():
     model = tiny_model("llama", seed=3)
-    runner = use_graphs(model, capacity=32, capture=False)
-    with pytest.raises(ValueError, match="exceeds the graph capacity"):
-        runner.new_cache(10_000)
+    runner = use_graphs(model, capacity=32, capture=False).runner
+    with pytest.raises(InputError, match="static cache of 32 tokens"):
+        runner.new_cache(20, 13)
+    runner.release_cache(runner.new_cache(20, 12))  # exactly full: served

@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clasp_decoding.api import runner_for
 from clasp_decoding.config import GenerationConfig
-from clasp_decoding.decoding import decode, start_session
 from clasp_decoding.errors import InputError
-from conftest import ARCHS, hf_greedy, random_prompt, tiny_model
+from conftest import ARCHS, hf_greedy, random_prompt, run_tokens, tiny_model
 
 
 def run(model, prompt, cfg: GenerationConfig, eos=(), chunks=None):
-    runner = runner_for(model)
-    session = start_session(runner, prompt, cfg, set(eos))
-    out = []
-    for chunk in decode(runner, prompt, cfg, set(eos), None, session):
-        out.extend(chunk)
-        if chunks is not None:
-            chunks.append(list(chunk))
-    return out, session
+    return run_tokens(model, prompt, cfg, eos, chunks)
 
 
 SETTINGS = [

@@ -5,28 +5,25 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
-from clasp_decoding.api import runner_for
 from clasp_decoding.config import GenerationConfig
-from clasp_decoding.controller import EMA, Controller, ControllerState, CopyHazard, Plan, match_bin
-from clasp_decoding.decoding import decode, start_session
-from clasp_decoding.drafters import PromptLookupDrafter
-from conftest import ARCHS, hf_greedy, random_prompt, tiny_model
-from test_sampling import STEPS, VOCAB, chi_square_pvalue, exact_distribution, sample_many
+from clasp_decoding.drafting.base import Source
+from clasp_decoding.drafting.controller import EMA, Controller, ControllerState, CopyHazard, Plan, match_bin
+from clasp_decoding.drafting.lookup import NgramIndex
+from conftest import ARCHS, hf_greedy, random_prompt, run_tokens, tiny_model
 
 
 def state(tv0=1.0, tv_k=1.05, clasp_rate=None, skip=4, copy_rate=None, per_token=0.0):
     """Synthetic estimates: plain step ``tv0`` s, verification of ``k`` drafts ``tv_k + per_token * k`` s,
     layer-skip rounds that delivered ``clasp_rate`` tokens/s at skip count ``skip``, and lookup copies
     that continue with probability ``copy_rate`` (a dict per match bin, or one number for all)."""
-    s = ControllerState(num_layers=10)
+    s = ControllerState()
     s.verify[0] = EMA(value=tv0)
     for k in (1, 2, 4, 8, 16, 32, 48):
         s.verify[k] = EMA(value=tv_k + per_token * k)
     if clasp_rate is not None:
         for _ in range(8):
-            s.realize(("clasp", skip), clasp_rate * 2.0, 2.0)
+            s.realize((Source.LAYER_SKIP, skip), clasp_rate * 2.0, 2.0)
     if copy_rate is not None:
         rates = copy_rate if isinstance(copy_rate, dict) else dict.fromkeys((1, 2, 3, 4, 5, 8, 16), copy_rate)
         for b, r in rates.items():
@@ -54,7 +51,7 @@ def test_copy_hazard_expected_tokens():
 
 
 def test_verify_time_interpolates_and_extrapolates():
-    s = ControllerState(num_layers=4)
+    s = ControllerState()
     assert s.t_verify(3) is None
     s.verify[0], s.verify[8] = EMA(value=1.0), EMA(value=1.4)
     assert s.t_verify(4) == pytest.approx(1.2)
@@ -65,73 +62,73 @@ def test_verify_time_interpolates_and_extrapolates():
 
 def test_plain_decoding_when_drafting_cannot_pay():
     c = Controller(state(clasp_rate=0.9), max_draft=8, candidates=[4])
-    assert c.plan(4, 0, 100).source == "plain"
+    assert c.plan(4, 0, 100).source is Source.PLAIN
     # A 1% gain is within the margin: not worth the risk either.
-    assert Controller(state(clasp_rate=1.01), max_draft=8, candidates=[4]).plan(4, 0, 100).source == "plain"
+    assert Controller(state(clasp_rate=1.01), max_draft=8, candidates=[4]).plan(4, 0, 100).source is Source.PLAIN
 
 
 def test_drafts_when_it_pays_up_to_the_cap():
     c = Controller(state(clasp_rate=1.2), max_draft=8, candidates=[4])
     plan = c.plan(4, 0, 100)
-    assert plan.source == "clasp" and plan.max_tokens == 8  # the draft-exiting threshold stops it earlier
+    assert plan.source is Source.LAYER_SKIP and plan.max_tokens == 8  # the draft-exiting threshold stops it earlier
     assert c.plan(4, 0, 3).max_tokens == 3  # the token budget caps it
 
 
 def test_the_first_round_measures_plain_decoding_then_drafting_is_tried():
-    s = ControllerState(num_layers=10)
+    s = ControllerState()
     c = Controller(s, max_draft=6, candidates=[3, 5])
-    assert c.plan(3, 0, 50).source == "plain"
-    c.observe("plain", 0, 0, verify_seconds=1.0, draft_seconds=0.0, num_skip=3)
-    assert c.plan(3, 0, 50).source == "clasp"  # unmeasured: try it
+    assert c.plan(3, 0, 50).source is Source.PLAIN
+    c.observe(Source.PLAIN, 0, 0, verify_seconds=1.0, draft_seconds=0.0, num_skip=3)
+    assert c.plan(3, 0, 50).source is Source.LAYER_SKIP  # unmeasured: try it
     for _ in range(6):  # rounds of 1 token in 4.2 s: far slower than a 1 s plain step
-        c.observe("clasp", 4, 0, verify_seconds=1.05, draft_seconds=3.2, num_skip=3)
-    assert s.realized_rate(("clasp", 3)) == pytest.approx(1 / 4.25, rel=1e-3)
-    assert c.plan(3, 0, 50).source == "plain"
+        c.observe(Source.LAYER_SKIP, 4, 0, verify_seconds=1.05, draft_seconds=3.2, num_skip=3)
+    assert s.realized_rate((Source.LAYER_SKIP, 3)) == pytest.approx(1 / 4.25, rel=1e-3)
+    assert c.plan(3, 0, 50).source is Source.PLAIN
 
 
 def test_layer_selection_counts_against_layer_skipping():
     s = state(clasp_rate=1.1)
     c = Controller(s, max_draft=8, candidates=[4])
-    assert c.plan(4, 0, 100).source == "clasp"
+    assert c.plan(4, 0, 100).source is Source.LAYER_SKIP
     for _ in range(3):
         c.charge_selection(4, 2.0)  # DP runs that produced no tokens themselves
-    assert c.plan(4, 0, 100).source == "plain"
+    assert c.plan(4, 0, 100).source is Source.PLAIN
 
 
 def test_realized_rate_is_a_ratio_of_running_means():
-    s = ControllerState(num_layers=10)
+    s = ControllerState()
     for _ in range(50):
-        s.realize(("clasp", 4), 5, 0.6)
-        s.realize(("clasp", 4), 1, 0.3)
+        s.realize((Source.LAYER_SKIP, 4), 5, 0.6)
+        s.realize((Source.LAYER_SKIP, 4), 1, 0.3)
     # Tokens over time (6 / 0.9), not the mean of per-round rates ((8.33 + 3.33) / 2).
-    assert s.realized_rate(("clasp", 4)) == pytest.approx(6 / 0.9, rel=0.1)
+    assert s.realized_rate((Source.LAYER_SKIP, 4)) == pytest.approx(6 / 0.9, rel=0.1)
 
 
 def test_prompt_lookup_wins_when_its_matches_are_good():
     c = Controller(state(clasp_rate=1.1, copy_rate=0.6), max_draft=8, candidates=[4])
     plan = c.plan(4, 6, 100, match_len=3)
-    assert plan.source == "pld" and plan.max_tokens == 6
+    assert plan.source is Source.LOOKUP and plan.max_tokens == 6
     poor = Controller(state(clasp_rate=1.3, copy_rate=0.05), max_draft=8, candidates=[4])
-    assert poor.plan(4, 6, 100, match_len=3).source == "clasp"
+    assert poor.plan(4, 6, 100, match_len=3).source is Source.LAYER_SKIP
     useless = Controller(state(clasp_rate=0.5, copy_rate=0.02), max_draft=8, candidates=[4])
-    assert useless.plan(4, 6, 100, match_len=3).source == "plain"  # a failed lookup still costs t_v(k) > t_v(0)
+    assert useless.plan(4, 6, 100, match_len=3).source is Source.PLAIN  # a failed lookup still costs t_v(k) > t_v(0)
 
 
 def test_lookup_length_follows_the_match_and_the_cost_of_verifying():
     rates = {1: 0.01, 2: 0.1, 3: 0.5, 4: 0.7, 5: 0.9, 8: 0.95, 16: 0.97}
     flat = Controller(state(clasp_rate=0.5, copy_rate=rates, tv_k=1.02, per_token=0.002), max_draft=8, candidates=[4])
     long_match = flat.plan(4, 48, 100, match_len=20)
-    assert long_match.source == "pld" and long_match.max_tokens >= 32  # a repeated passage: draft far
+    assert long_match.source is Source.LOOKUP and long_match.max_tokens >= 32  # a repeated passage: draft far
     assert flat.plan(4, 48, 10, match_len=20).max_tokens == 10  # never past the token budget
-    assert flat.plan(4, 48, 100, match_len=1).source == "plain"  # after a lone common token: nothing pays
+    assert flat.plan(4, 48, 100, match_len=1).source is Source.PLAIN  # after a lone common token: nothing pays
     steep = Controller(state(clasp_rate=0.5, copy_rate=rates, tv_k=1.02, per_token=0.05), max_draft=8, candidates=[4])
     assert 0 < steep.plan(4, 48, 100, match_len=20).max_tokens < long_match.max_tokens  # costly: shorter
     # Learning: copies after 1-token matches that keep succeeding make such lookups worth drafting.
     s = state(clasp_rate=0.5, copy_rate=rates, tv_k=1.02, per_token=0.002)
     c = Controller(s, max_draft=8, candidates=[4])
     for _ in range(200):
-        c.observe("pld", 4, 4, verify_seconds=1.03, draft_seconds=0.0, num_skip=4, match_len=1)
-    assert c.plan(4, 48, 100, match_len=1).source == "pld"
+        c.observe(Source.LOOKUP, 4, 4, verify_seconds=1.03, draft_seconds=0.0, num_skip=4, match_len=1)
+    assert c.plan(4, 48, 100, match_len=1).source is Source.LOOKUP
 
 
 def test_each_text_learns_its_own_copy_rates():
@@ -140,7 +137,7 @@ def test_each_text_learns_its_own_copy_rates():
     c = Controller(s, max_draft=8, candidates=[4])
     assert c.copies.rate(1) == pytest.approx(0.6, abs=1e-3)
     for _ in range(12):  # here, copies after single-token matches keep failing at once
-        c.observe("pld", 4, 0, verify_seconds=1.03, draft_seconds=0.0, num_skip=4, match_len=1)
+        c.observe(Source.LOOKUP, 4, 0, verify_seconds=1.03, draft_seconds=0.0, num_skip=4, match_len=1)
     assert c.copies.rate(1) < 0.2 and s.lookup.rate(1) > 0.5  # the long-run estimate moves slowly
     fresh = Controller(s, max_draft=8, candidates=[4])  # the next text starts from the long-run estimate
     assert fresh.copies.rate(1) == pytest.approx(s.lookup.rate(1))
@@ -150,15 +147,15 @@ def test_probes_now_and_then_while_decoding_plainly():
     s = state(clasp_rate=0.5)
     c = Controller(s, max_draft=8, candidates=[4], probe_every=5)
     sources = [c.plan(4, 0, 100).source for _ in range(80)]
-    probes = [i + 1 for i, src in enumerate(sources) if src == "clasp"]
+    probes = [i + 1 for i, src in enumerate(sources) if src is Source.LAYER_SKIP]
     assert probes == [5, 15, 35, 75]  # while layer-skip probes keep losing they come ever more rarely
     assert s.skip_probe_every == 40
     c2 = Controller(s, max_draft=8, candidates=[4], probe_every=5)  # the back-off outlives a generation
-    assert [c2.plan(4, 0, 100).source for _ in range(40)].count("clasp") == 1
+    assert [c2.plan(4, 0, 100).source for _ in range(40)].count(Source.LAYER_SKIP) == 1
     # With a lookup match at hand, the probe is a short, nearly free lookup draft.
     c = Controller(state(clasp_rate=0.5, copy_rate=0.01), max_draft=8, candidates=[4], probe_every=3)
     plans = [c.plan(4, 5, 100, match_len=2) for _ in range(3)]
-    assert [p.source for p in plans] == ["plain", "plain", "pld"] and plans[2].max_tokens == 2
+    assert [p.source for p in plans] == [Source.PLAIN, Source.PLAIN, Source.LOOKUP] and plans[2].max_tokens == 2
 
 
 def test_skip_count_explores_then_exploits():
@@ -167,16 +164,16 @@ def test_skip_count_explores_then_exploits():
     assert c.choose_num_skip(4) == 2  # unexplored first
     for m, rate in ((2, 1.2), (6, 0.8)):
         for _ in range(8):
-            s.realize(("clasp", m), rate, 1.0)
+            s.realize((Source.LAYER_SKIP, m), rate, 1.0)
     assert c.choose_num_skip(4) == 2
     for _ in range(30):
-        s.realize(("clasp", 2), 0.5, 1.0)  # the text changed: 2 is now the worst
+        s.realize((Source.LAYER_SKIP, 2), 0.5, 1.0)  # the text changed: 2 is now the worst
     assert c.choose_num_skip(2) == 4
 
 
 def test_lookup_reports_how_long_the_match_really_is():
     def lookup(tokens):
-        return PromptLookupDrafter(min_ngram=1, max_ngram=2, max_tokens=4).lookup(tokens, 10)
+        return NgramIndex(1, 2).lookup(tokens, 4)
 
     assert lookup([9, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4]) == ([5, 6, 7, 8], 4)  # (3, 4) extends back to 1
     assert lookup([5, 1, 7, 1]) == ([7, 1], 1)
@@ -193,10 +190,10 @@ def cycle_plans(monkeypatch):
     def plan(self, num_skip, lookup_len, budget, match_len=1):
         mode = next(modes)
         if mode == "pld" and lookup_len:
-            return Plan("pld", min(lookup_len, budget), 1.0)
+            return Plan(Source.LOOKUP, min(lookup_len, budget), 1.0)
         if mode == "plain" or budget <= 0:
-            return Plan("plain", 0, 1.0)
-        return Plan("clasp", min(3, budget), 1.0)
+            return Plan(Source.PLAIN, 0, 1.0)
+        return Plan(Source.LAYER_SKIP, min(3, budget), 1.0)
 
     monkeypatch.setattr(Controller, "plan", plan)
 
@@ -211,9 +208,7 @@ def test_hybrid_greedy_equals_generate(arch):
             cfg = GenerationConfig(
                 max_new_tokens=40, method=method, adaptive=adaptive, draft_exit_threshold=0.0, layer_opt_interval=2
             )
-            runner = runner_for(model)
-            s = start_session(runner, prompt, cfg, set())
-            out = [t for chunk in decode(runner, prompt, cfg, set(), None, s) for t in chunk]
+            out, _ = run_tokens(model, prompt, cfg)
             assert out == ref, (arch, seed, method)
 
 
@@ -226,51 +221,6 @@ def test_every_mode_switch_keeps_greedy_output(arch, monkeypatch):
     cfg = GenerationConfig(
         max_new_tokens=45, method="hybrid", draft_exit_threshold=0.0, layer_opt_interval=2, lookup_min_ngram=1
     )
-    runner = runner_for(model)
-    s = start_session(runner, prompt, cfg, set())
-    out = [t for chunk in decode(runner, prompt, cfg, set(), None, s) for t in chunk]
+    out, gen = run_tokens(model, prompt, cfg)
     assert out == ref
-    assert {"plain", "pld", "clasp"} <= set(s.stats.modes)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("forced", [False, True])
-def test_hybrid_sampling_keeps_the_distribution(monkeypatch, forced):
-    if forced:
-        cycle_plans(monkeypatch)
-    model = tiny_model("llama", seed=8, vocab=VOCAB, layers=4)
-    cfg = GenerationConfig(
-        max_new_tokens=STEPS,
-        method="hybrid",
-        temperature=1.0,
-        draft_exit_threshold=0.0,
-        lookup_min_ngram=1,
-        lookup_max_ngram=2,
-        layer_opt_interval=1,
-    )
-    exact = exact_distribution(model, cfg.sampling)
-    n = 3000
-    counts = sample_many(model, cfg, n)
-    expected = torch.tensor([exact[s] for s in itertools.product(range(VOCAB), repeat=STEPS)]) * n
-    assert chi_square_pvalue(counts, expected) > 1e-3
-
-
-def test_seeded_sampling_is_reproducible_whatever_the_controller_learned():
-    """Draft choices change which random numbers the sampler draws; with a seed, hybrid's choices depend
-    on the tokens only (a fixed cost model, no carried-over estimates), so a seed reproduces the text."""
-    model = tiny_model("qwen2", seed=11)
-    prompt = random_prompt(700, 6) * 3
-    runner = runner_for(model)
-    cfg = GenerationConfig(max_new_tokens=40, method="hybrid", temperature=0.8, seed=5, lookup_min_ngram=1)
-
-    def sample():
-        s = start_session(runner, prompt, cfg, set())
-        return [t for chunk in decode(runner, prompt, cfg, set(), None, s) for t in chunk], s
-
-    first, s1 = sample()
-    for _ in range(2):  # unseeded requests in between teach the runner's shared estimates
-        unseeded = cfg.updated(seed=None)
-        list(decode(runner, prompt, unseeded, set()))
-    again, s2 = sample()
-    assert first == again and s1.stats.draft_lengths == s2.stats.draft_lengths
-    assert "pld" in s1.stats.modes and "clasp" not in s1.stats.modes
+    assert {"plain", "pld", "clasp"} <= set(gen.stats.modes), (gen.stats.modes, gen.stats.draft_lengths)

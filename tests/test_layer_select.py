@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from clasp_decoding.layer_select import backtrack, clasp_dp, every_other_middle, final_state
 from clasp_decoding.runner import ModelRunner
-from conftest import ARCHS, random_prompt, tiny_model
+from conftest import ARCHS, random_prompt, scratch_cache, tiny_model
 
 
 def additive_layers(num_layers: int, dim: int = 64, seed: int = 0):
@@ -62,7 +62,7 @@ def test_dp_on_real_layers_skips_exactly_m_and_beats_most_sets(arch):
     model = tiny_model(arch, seed=7, layers=8)
     runner = ModelRunner(model)
     prompt = torch.tensor(random_prompt(7, 20))
-    cache = runner.new_cache(64)
+    cache = scratch_cache(runner, 64)
     _, hidden = runner.forward(cache, prompt, 0, collect_hidden=True)
     cache.rollback(len(prompt))
     pos = len(prompt) - 1

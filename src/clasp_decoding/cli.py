@@ -8,9 +8,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .config import METHODS, GenerationConfig
+from .config import QUANT_KINDS, GenerationConfig
+from .drafting.registry import METHODS
 from .errors import ClaspError
-from .models import BUILTIN_MODELS, DEFAULT_MODEL
+from .fetch import BUILTIN_MODELS, DEFAULT_MODEL
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -37,15 +38,44 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     c = p.add_argument_group("CLaSp")
-    c.add_argument("--method", choices=METHODS, default=d.method)
+    c.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=d.method,
+        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
+    )
     c.add_argument("--skip-ratio", type=float, default=d.skip_ratio, help="fraction of layers the draft skips")
     c.add_argument(
         "--num-skip", type=int, default=None, help="number of layers the draft skips (overrides --skip-ratio)"
     )
     c.add_argument("--skip-layers", default=None, help="fixed skip set for --method static, e.g. 3,5,7")
-    c.add_argument("--det", type=float, default=d.draft_exit_threshold, help="draft-exiting threshold")
-    c.add_argument("--max-draft", type=int, default=d.max_draft_tokens, help="maximum draft length per round")
-    c.add_argument("--loi", type=int, default=d.layer_opt_interval, help="layer optimization interval (rounds)")
+    c.add_argument(
+        "--draft-exit-threshold",
+        "--det",
+        dest="det",
+        type=float,
+        default=d.draft_exit_threshold,
+        help="stop drafting after a token whose draft probability is below this (the paper's DET)",
+    )
+    c.add_argument(
+        "--max-draft-tokens",
+        "--max-draft",
+        dest="max_draft",
+        type=int,
+        default=d.max_draft_tokens,
+        help="longest layer-skip draft per round",
+    )
+    c.add_argument(
+        "--layer-opt-interval",
+        "--loi",
+        dest="loi",
+        type=int,
+        default=d.layer_opt_interval,
+        help="re-run the layer-selection DP every this many rounds (the paper's LOI)",
+    )
+    c.add_argument(
+        "--draft-quant", choices=QUANT_KINDS, default=d.draft_quant, help="weight-only quantization of the draft"
+    )
     c.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="draft head vocabulary size (0 = full)")
     c.add_argument(
         "--adaptive", action=argparse.BooleanOptionalAction, default=d.adaptive, help="cost-aware control of drafting"
@@ -73,6 +103,7 @@ def config_from_args(a: argparse.Namespace) -> GenerationConfig:
         draft_exit_threshold=a.det,
         max_draft_tokens=a.max_draft,
         layer_opt_interval=a.loi,
+        draft_quant=a.draft_quant,
         draft_vocab=a.draft_vocab,
         adaptive=a.adaptive,
     )
@@ -143,28 +174,39 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .server import serve
+    import os
+
+    from .server import Limits, ServerSettings, check_bind, serve
 
     config = config_from_args(a)
-    if a.max_queue < 1 or a.timeout <= 0 or a.default_max_tokens < 1:
-        raise ClaspError("--max-queue, --timeout and --default-max-tokens must be positive.")
+    if a.max_queue < 1 or a.timeout <= 0 or a.default_max_tokens < 1 or a.max_body_mb <= 0:
+        raise ClaspError("--max-queue, --timeout, --default-max-tokens and --max-body-mb must be positive.")
+    key = a.api_key or os.environ.get("CLASP_API_KEY") or None
+    check_bind(a.host, key, a.insecure_no_auth)  # before the model loads: fail fast
+    settings = ServerSettings(
+        base_config=config,
+        max_queue=a.max_queue,
+        request_timeout=a.timeout,
+        default_max_tokens=a.default_max_tokens,
+        api_key=key,
+        max_body_bytes=int(a.max_body_mb * (1 << 20)),
+        limits=Limits(),
+    )
     serve(
         a.model,
         host=a.host,
         port=a.port,
         dtype=a.dtype,
         device=a.device,
-        base_config=config,
-        max_queue=a.max_queue,
-        request_timeout=a.timeout,
-        default_max_tokens=a.default_max_tokens,
+        settings=settings,
+        insecure_no_auth=a.insecure_no_auth,
         log_level=a.log_level,
     )
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from .models import cache_dir, folder_size_mb, is_cached
+    from .fetch import cache_dir, folder_size_mb, is_cached
 
     print(f"cache: {cache_dir()}")
     for name, spec in BUILTIN_MODELS.items():
@@ -174,7 +216,7 @@ def cmd_models(a: argparse.Namespace) -> int:
         print(f"  {name:20s} {spec.arch:7s} {spec.layers:3d} layers  download {spec.download_mb:5d} MB  {size}{mark}")
         print(f"  {'':20s} {spec.title}")
     if a.fetch:
-        from .models import fetch_builtin
+        from .fetch import fetch_builtin
 
         for name in a.fetch:
             t0 = time.perf_counter()
@@ -206,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
     add_model_args(s)
     add_generation_args(s)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $CLASP_API_KEY)")
+    s.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --host without an API key")
+    s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, in MiB (413 beyond)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get HTTP 429")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")

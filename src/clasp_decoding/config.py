@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import ConfigError
 from .sampling import SamplingParams
 
-METHODS = ("hybrid", "clasp", "static", "pld", "ar")
-"""Drafting strategies: prompt lookup or CLaSp's layer skip or nothing, per round, under cost-aware
-control (the default); CLaSp's dynamic layer skip alone; a fixed skip set; prompt lookup; and none at all
-(plain autoregressive decoding through the same loop)."""
+MAX_SEED = 2**64
+"""Seeds are 64-bit: ``0 <= seed < 2**64``."""
+
+CEILINGS = {
+    "max_draft_tokens": 256,
+    "layer_opt_interval": 1_000_000,
+    "lookup_max_ngram": 16,
+    "lookup_max_tokens": 256,
+    "hybrid_max_lookup": 256,
+}
+"""Hard upper bounds. ``lookup_max_ngram`` bounds the prompt-lookup index: it holds every n-gram of the
+context up to that length, so its memory is linear in the context with this constant factor."""
+
+QUANT_KINDS = ("none", "int8", "int4")
+"""Weight-only quantizations the draft may use (see :mod:`.quant`); the verifier never does."""
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,7 @@ class GenerationConfig:
     """Everything a generation can be asked to do. Defaults were chosen by measurement (docs/tuning.md)."""
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0  # end-of-sequence tokens are suppressed until this many tokens exist
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -33,6 +45,7 @@ class GenerationConfig:
     layer_opt_interval: int = 16
     skip_layers: tuple[int, ...] | None = None
     draft_vocab: int = 32768
+    draft_quant: str = "none"
     # Prompt lookup (pld, hybrid).
     lookup_min_ngram: int = 1
     lookup_max_ngram: int = 4
@@ -40,7 +53,6 @@ class GenerationConfig:
     # Cost-aware control (hybrid and any method with adaptive=True).
     adaptive: bool = False
     hybrid_max_lookup: int = 48  # hybrid: longest lookup draft; the controller picks the length by cost
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -52,25 +64,25 @@ class GenerationConfig:
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ConfigError(f"Unknown generation option(s): {', '.join(unknown)}.")
-        if "stop" in changes and isinstance(changes["stop"], str):
+        if isinstance(changes.get("stop"), str):
             changes["stop"] = (changes["stop"],)
-        if "stop" in changes and changes["stop"] is not None:
-            changes["stop"] = tuple(changes["stop"])
-        if changes.get("skip_layers") is not None:
-            changes["skip_layers"] = tuple(changes["skip_layers"])
+        for name in ("stop", "skip_layers"):
+            value = changes.get(name)
+            if value is not None and not isinstance(value, (str, tuple)):
+                if not isinstance(value, (list, set, frozenset)):
+                    raise ConfigError(f"{name} must be a list, got {type(value).__name__}.")
+                changes[name] = tuple(value)
         out = replace(self, **changes)
         out.validate()
         return out
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
     def num_skipped(self, num_layers: int) -> int:
         """How many layers the draft skips for a model of ``num_layers`` layers."""
         if self.skip_layers is not None:
-            return len(self.skip_layers)
+            return len(set(self.skip_layers))
         if self.num_skip is not None:
             if self.num_skip >= num_layers:
                 raise ConfigError(f"num_skip={self.num_skip} must be below the model's {num_layers} layers.")
@@ -79,59 +91,84 @@ class GenerationConfig:
 
     def validate(self, num_layers: int | None = None) -> None:
         """Raise :class:`ConfigError` naming the first bad value."""
-
-        def bad(msg: str) -> None:
-            raise ConfigError(msg)
-
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
-        for name in ("temperature", "top_p", "skip_ratio", "draft_exit_threshold"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                bad(f"{name} must be a finite number, got {value!r}.")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}.")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            bad(f"seed must be a non-negative integer, got {self.seed!r}.")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop strings must be non-empty strings.")
-        if self.method not in METHODS:
-            bad(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if not 0 < self.skip_ratio < 1:
-            bad(f"skip_ratio must be in (0, 1), got {self.skip_ratio}.")
-        if self.num_skip is not None and (not isinstance(self.num_skip, int) or self.num_skip < 1):
-            bad(f"num_skip must be a positive integer, got {self.num_skip!r}.")
-        if not 0 <= self.draft_exit_threshold <= 1:
-            bad(f"draft_exit_threshold must be in [0, 1], got {self.draft_exit_threshold}.")
-        for name in (
-            "max_draft_tokens",
-            "layer_opt_interval",
-            "lookup_min_ngram",
-            "lookup_max_ngram",
-            "lookup_max_tokens",
-            "hybrid_max_lookup",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(f"{name} must be a positive integer, got {value!r}.")
-        if self.lookup_min_ngram > self.lookup_max_ngram:
-            bad(f"lookup_min_ngram ({self.lookup_min_ngram}) exceeds lookup_max_ngram ({self.lookup_max_ngram}).")
-        if not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
-            bad(f"draft_vocab must be an integer >= 0 (0 means the full vocabulary), got {self.draft_vocab!r}.")
+        _check_numbers(self)
+        _check_choices(self)
         if num_layers is not None:
-            if self.skip_layers is not None:
-                wrong = [i for i in self.skip_layers if not isinstance(i, int) or not 0 <= i < num_layers]
-                if wrong:
-                    bad(
-                        f"skip_layers {wrong} are not layer indices of a {num_layers}-layer model (0..{num_layers - 1})."
-                    )
-                if len(set(self.skip_layers)) >= num_layers:
-                    bad("skip_layers must leave at least one layer to run.")
-            self.num_skipped(num_layers)
+            _check_layers(self, num_layers)
 
     def __post_init__(self) -> None:
         self.validate()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(c: GenerationConfig) -> None:
+    if not _is_int(c.max_new_tokens) or c.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {c.max_new_tokens!r}.")
+    if not _is_int(c.min_new_tokens) or not 0 <= c.min_new_tokens <= c.max_new_tokens:
+        raise ConfigError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {c.min_new_tokens!r}.")
+    for name in ("temperature", "top_p", "skip_ratio", "draft_exit_threshold"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+    if c.temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {c.temperature}.")
+    if not 0 < c.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {c.top_p}.")
+    if not _is_int(c.top_k) or c.top_k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0 switches it off), got {c.top_k!r}.")
+    if c.seed is not None and (not _is_int(c.seed) or not 0 <= c.seed < MAX_SEED):
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {c.seed!r}.")
+    if not 0 < c.skip_ratio < 1:
+        raise ConfigError(f"skip_ratio must be in (0, 1), got {c.skip_ratio}.")
+    if c.num_skip is not None and (not _is_int(c.num_skip) or c.num_skip < 1):
+        raise ConfigError(f"num_skip must be a positive integer, got {c.num_skip!r}.")
+    if not 0 <= c.draft_exit_threshold <= 1:
+        raise ConfigError(f"draft_exit_threshold must be in [0, 1], got {c.draft_exit_threshold}.")
+    for name in ("max_draft_tokens", "layer_opt_interval", "lookup_min_ngram", "lookup_max_ngram"):
+        _check_positive(c, name)
+    for name in ("lookup_max_tokens", "hybrid_max_lookup"):
+        _check_positive(c, name)
+    if c.lookup_min_ngram > c.lookup_max_ngram:
+        raise ConfigError(f"lookup_min_ngram ({c.lookup_min_ngram}) exceeds lookup_max_ngram ({c.lookup_max_ngram}).")
+    if not _is_int(c.draft_vocab) or c.draft_vocab < 0:
+        raise ConfigError(f"draft_vocab must be an integer >= 0 (0 means the full vocabulary), got {c.draft_vocab!r}.")
+
+
+def _check_positive(c: GenerationConfig, name: str) -> None:
+    value = getattr(c, name)
+    ceiling = CEILINGS.get(name)
+    if not _is_int(value) or value < 1 or (ceiling is not None and value > ceiling):
+        limit = f" and at most {ceiling}" if ceiling is not None else ""
+        raise ConfigError(f"{name} must be a positive integer{limit}, got {value!r}.")
+
+
+def _check_choices(c: GenerationConfig) -> None:
+    from .drafting.registry import METHODS
+
+    if c.method not in METHODS:
+        raise ConfigError(f"Unknown method {c.method!r}; choose one of {', '.join(METHODS)}.")
+    if c.draft_quant not in QUANT_KINDS:
+        raise ConfigError(f"Unknown draft_quant {c.draft_quant!r}; choose one of {', '.join(QUANT_KINDS)}.")
+    if not isinstance(c.adaptive, bool):
+        raise ConfigError(f"adaptive must be true or false, got {c.adaptive!r}.")
+    if not isinstance(c.stop, tuple) or any(not isinstance(s, str) or not s for s in c.stop):
+        raise ConfigError("stop strings must be non-empty strings.")
+    if c.skip_layers is not None and (
+        not isinstance(c.skip_layers, tuple) or not all(_is_int(i) for i in c.skip_layers)
+    ):
+        raise ConfigError(f"skip_layers must be a list of layer indices, got {c.skip_layers!r}.")
+
+
+def _check_layers(c: GenerationConfig, num_layers: int) -> None:
+    if c.skip_layers is not None:
+        wrong = [i for i in c.skip_layers if not 0 <= i < num_layers]
+        if wrong:
+            raise ConfigError(
+                f"skip_layers {wrong} are not layer indices of a {num_layers}-layer model (0..{num_layers - 1})."
+            )
+        if len(set(c.skip_layers)) >= num_layers:
+            raise ConfigError("skip_layers must leave at least one layer to run.")
+    c.num_skipped(num_layers)

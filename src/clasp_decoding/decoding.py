@@ -1,184 +1,275 @@
-"""The draft / verify / accept loop, shared by every drafting strategy.
+"""One generation, from the prefill to the last token: the draft / verify / accept loop.
 
 One round, with ``n`` verified tokens in the cache and the last token ``x`` not yet in it::
 
-    draft  = drafter.propose(session, k_max)             # d_1..d_k (may write scratch K/V at n..)
+    draft  = drafter.propose(state, k_max)               # d_1..d_k (may write scratch K/V at n..)
     logits = runner.forward([x, d_1..d_k], start=n)      # all layers; overwrites slots n..n+k
-    a, t   = accept(draft, logits)                       # a drafts agree; t is the target's next token
+    a, t   = sampler.accept(draft, logits)               # a drafts agree; t is the target's next token
     cache.length = n + a + 1                             # rollback: move the valid length, copy nothing
-    emit d_1..d_a, t                                     # cut at EOS / max_new_tokens
+    emit d_1..d_a, t                                     # cut at EOS / max_new_tokens / stop strings
+    drafter.observe(outcome)                             # adapt (a new skip set every few rounds)
 
-Greedy acceptance keeps the output identical to plain greedy decoding; speculative sampling keeps it
-distributed exactly as plain sampling. Every few rounds the drafter re-selects its skip set from the
-hidden states this verification returned.
+Greedy acceptance and position-keyed sampling keep the output identical to plain decoding's (with the
+same seed); speculative sampling keeps it distributed exactly as plain sampling. :class:`Generation`
+owns all of it, statistics included; drafters only propose and observe.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import GenerationConfig
-from .drafters import Draft, Drafter, LayerSkipDrafter, NoDraft, PromptLookupDrafter
-from .errors import ConfigError, InputError
+from .drafting.base import Draft, Drafter, Outcome, Selection
+from .errors import InputError
 from .runner import ModelRunner
-from .sampling import greedy_accept, pick, speculative_accept, warp
-from .session import Session
+from .sampling import Sampler
+from .state import DecodeState, ModelState
+from .stats import GenerationStats
+from .text import IncrementalDecoder
+
+KEYED_UNSEEDED = True
+"""Unseeded sampling uses position-keyed sampling too, with a random seed (docs/sampling.md explains the
+measurement behind this choice); ``False`` switches it to speculative sampling."""
+
+Stopper = Callable[[list[int], int], int | None]
+"""``stopper(tokens, new)``: after a round added ``new`` tokens to ``tokens`` (prompt included), how many
+of them to keep because generation must stop there, or ``None`` to go on."""
 
 
-def make_drafter(config: GenerationConfig) -> Drafter:
-    """The drafting strategy named by ``config.method``."""
-    if config.method == "ar":
-        return NoDraft()
-    if config.method == "clasp":
-        if config.adaptive:
-            from .hybrid import HybridDrafter
+@dataclass
+class Chunk:
+    """What one step produced: the new token ids and the new text (whole characters only)."""
 
-            return HybridDrafter(use_lookup=False)
-        return LayerSkipDrafter(dynamic=True)
-    if config.method == "static":
-        return LayerSkipDrafter(dynamic=False)
-    if config.method == "pld":
-        return PromptLookupDrafter()
-    if config.method == "hybrid":
-        from .hybrid import HybridDrafter
-
-        return HybridDrafter()
-    raise ConfigError(f"Unknown method {config.method!r}.")
+    token_ids: list[int]
+    text: str = ""
 
 
-def check_prompt(runner: ModelRunner, prompt_len: int, max_new_tokens: int) -> None:
-    """Refuse an empty prompt or one that, with ``max_new_tokens``, does not fit the model's context."""
-    if prompt_len == 0:
-        raise InputError("The prompt is empty: give at least one token.")
-    limit = runner.max_positions
-    if prompt_len >= limit:
-        raise InputError(f"The prompt has {prompt_len} tokens, but the model's context holds {limit}.")
-    if prompt_len + max_new_tokens > limit:
-        raise InputError(
-            f"The prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"context of {limit} tokens; ask for at most {limit - prompt_len} new tokens."
+@dataclass
+class GenerationResult:
+    """``text`` is the decoded new text (cut before a stop string); ``token_ids`` the new tokens (through
+    the one that completed a stop string, or the EOS token)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (EOS, stop string or a stopper) or "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    config: GenerationConfig | None = None
+
+
+def sampler_for(
+    config: GenerationConfig, device, eos_ids: frozenset[int], prompt_len: int, mode: str | None = None
+) -> Sampler:
+    """Greedy, or position-keyed sampling keyed by the seed (a random one when none is given). ``mode``
+    forces ``"keyed"`` or ``"speculative"`` sampling (tests and measurements compare the two)."""
+    params = config.sampling
+    minimum = prompt_len + config.min_new_tokens
+    if params.greedy:
+        return Sampler(params, mode="greedy", device=device, eos_ids=eos_ids, min_length=minimum)
+    seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
+    if mode is None:
+        mode = "keyed" if config.seed is not None or KEYED_UNSEEDED else "speculative"
+    return Sampler(params, mode=mode, seed=seed, device=device, eos_ids=eos_ids, min_length=minimum)
+
+
+class Generation:
+    """One generation in flight. Iterate it (or call :meth:`step`) for a :class:`Chunk` per round; read
+    :meth:`result` afterwards. It holds a KV cache until it ends or :meth:`close` is called."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        drafter: Drafter,
+        *,
+        model: ModelState | None = None,
+        eos_ids: frozenset[int] = frozenset(),
+        detokenizer: IncrementalDecoder | None = None,
+        stopper: Stopper | None = None,
+        sampler_mode: str | None = None,
+    ) -> None:
+        config.validate(runner.num_layers)
+        prompt = list(prompt_ids)
+        bad = [t for t in prompt if not 0 <= t < runner.vocab_size]
+        if bad:
+            raise InputError(f"Prompt token ids {bad[:5]} are outside the vocabulary (0..{runner.vocab_size - 1}).")
+        model = model or ModelState(runner)
+        runner.check_fits(len(prompt), config.max_new_tokens)
+        drafter.warm_up(model, config)
+        cache = runner.new_cache(len(prompt), config.max_new_tokens)
+        self._release = weakref.finalize(self, runner.release_cache, cache)
+        eos = frozenset(eos_ids)
+        self.state = DecodeState(
+            runner=runner,
+            cache=cache,
+            config=config,
+            sampler=sampler_for(config, runner.device, eos, len(prompt), sampler_mode),
+            eos_ids=eos,
+            tokens=prompt,
+            prompt_len=len(prompt),
+            model=model,
+        )
+        self.drafter = drafter
+        self.detokenizer = detokenizer
+        self.stopper = stopper
+        self.stats = GenerationStats(prompt_tokens=len(prompt))
+        self.finish_reason: str | None = None
+        self.exact_limit = runner.numerics.max_verify_drafts
+
+    # ------------------------------------------------------------------ driving it
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while (chunk := self.step()) is not None:
+            yield chunk
+
+    def step(self) -> Chunk | None:
+        """Prefill (first call) or one round; ``None`` once the generation has ended."""
+        if self.done:
+            return None
+        t0 = time.perf_counter()
+        try:
+            new = self._prefill() if self.stats.steps == 0 else self._round()
+            chunk = self._finish_round(new)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self.stats.time_total += time.perf_counter() - t0
+        if self.done:
+            self.close()
+        return chunk
+
+    def run(self) -> GenerationResult:
+        """Generate to the end; the result."""
+        for _ in self:
+            pass
+        return self.result()
+
+    def result(self) -> GenerationResult:
+        s = self.state
+        self.stats.new_tokens = s.generated
+        return GenerationResult(
+            text=self.detokenizer.text if self.detokenizer is not None else "",
+            token_ids=s.tokens[s.prompt_len :],
+            prompt_token_ids=s.tokens[: s.prompt_len],
+            finish_reason=self.finish_reason or "length",
+            stats=self.stats,
+            config=s.config,
         )
 
+    def close(self) -> None:
+        """Give the KV cache back (a generation abandoned mid-way ends here)."""
+        if self.finish_reason is None:
+            self.finish_reason = "length" if self.state.generated >= self.state.config.max_new_tokens else "cancelled"
+        self._release()
 
-def start_session(
-    runner: ModelRunner, prompt_ids: list[int], config: GenerationConfig, eos_ids: set[int] | frozenset[int]
-) -> Session:
-    """Validate, allocate the cache (prompt + new tokens + scratch for the DP), seed the sampler."""
-    config.validate(runner.num_layers)
-    check_prompt(runner, len(prompt_ids), config.max_new_tokens)
-    bad = [t for t in prompt_ids if not 0 <= t < runner.vocab_size]
-    if bad:
-        raise InputError(f"Prompt token ids {bad[:5]} are outside the vocabulary (0..{runner.vocab_size - 1}).")
-    capacity = len(prompt_ids) + config.max_new_tokens + runner.num_layers + 2
-    generator = None
-    if not config.sampling.greedy:
-        generator = torch.Generator(device=runner.device)
-        generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(2**62, ()).item()))
-    return Session(
-        runner=runner,
-        cache=runner.new_cache(capacity),
-        config=config,
-        eos_ids=frozenset(eos_ids),
-        tokens=list(prompt_ids),
-        prompt_len=len(prompt_ids),
-        generator=generator,
-    )
+    # ------------------------------------------------------------------ the loop
 
-
-def decode(
-    runner: ModelRunner,
-    prompt_ids: list[int],
-    config: GenerationConfig,
-    eos_ids: set[int] | frozenset[int] = frozenset(),
-    drafter: Drafter | None = None,
-    session: Session | None = None,
-) -> Iterator[list[int]]:
-    """Generate, yielding the new tokens of each round. Stops after an EOS token (which is yielded) or at
-    ``max_new_tokens``; a caller that wants to stop earlier (stop strings) simply stops iterating.
-    Statistics accumulate in ``session.stats`` (pass a session from :func:`start_session` to read them).
-    """
-    s = session or start_session(runner, prompt_ids, config, eos_ids)
-    drafter = drafter or make_drafter(config)
-    stats = s.stats
-    stats.prompt_tokens = s.prompt_len
-    exact_limit = getattr(getattr(runner, "numerics", None), "max_verify_drafts", None)
-    t_start = time.perf_counter()
-    try:
-        # Prefill: every prompt token through every layer; the first new token comes from its last row.
-        prompt = torch.tensor(s.tokens, device=runner.device)
-        want = drafter.wants_prefill_hidden()
-        logits, hidden = runner.forward(s.cache, prompt, 0, last_only=True, collect_hidden=want)
+    def _prefill(self) -> list[int]:
+        """Every prompt token through every layer; the first new token comes from its last row."""
+        s, stats = self.state, self.stats
+        t0 = time.perf_counter()
+        prompt = torch.tensor(s.tokens, device=s.runner.device)
+        logits, hidden = s.runner.forward(
+            s.cache, prompt, 0, last_only=True, collect_hidden=self.drafter.wants_prefill_hidden()
+        )
         s.cache.rollback(s.prompt_len)
-        first = int(pick(logits, s.params, s.generator)[0])
-        stats.time_prefill = time.perf_counter() - t_start
+        first = int(s.sampler.choose(logits, s.prompt_len)[0])
+        stats.time_prefill = time.perf_counter() - t0
         stats.steps = 1
         s.tokens.append(first)
-        drafter.start(s, hidden[:, -1] if hidden is not None else None)
-        if not _emit(s, [first]):
-            yield [first]
+        self._record(self.drafter.start(s, hidden[:, -1] if hidden is not None else None))
+        return [first]
+
+    def _round(self) -> list[int]:
+        s, stats = self.state, self.stats
+        budget = s.config.max_new_tokens - s.generated
+        room = budget - 1 if self.exact_limit is None else min(budget - 1, self.exact_limit)
+        t0 = time.perf_counter()
+        draft = self.drafter.propose(s, room) if room > 0 else Draft([])
+        if len(draft) > max(room, 0):
+            draft = Draft(
+                draft.tokens[:room], draft.source, None if draft.probs is None else draft.probs[:room], draft.selection
+            )
+        draft_seconds = time.perf_counter() - t0 - (draft.selection.seconds if draft.selection else 0.0)
+        self._record(draft.selection)
+        stats.time_draft += draft_seconds
+        accepted, hidden, verify_seconds = self._verify(draft)
+        new = [*draft.tokens[:accepted], s.tokens[-1]]
+        s.round += 1
+        self._record(self.drafter.observe(s, Outcome(draft, accepted, hidden, draft_seconds, verify_seconds)))
+        return new
+
+    def _verify(self, draft: Draft) -> tuple[int, torch.Tensor | None, float]:
+        """One full-model forward over ``[last, drafts]``; accept, roll back, append the new tokens."""
+        s, stats = self.state, self.stats
+        n = s.cache.length
+        k = len(draft)
+        inputs = torch.tensor([s.last_token, *draft.tokens], device=s.runner.device)
+        t0 = time.perf_counter()
+        logits, hidden = s.runner.forward(s.cache, inputs, n, collect_hidden=self.drafter.wants_hidden(s))
+        a, nxt = s.sampler.accept(inputs[1:], draft.probs, logits, n + 1)
+        seconds = time.perf_counter() - t0  # the acceptance's host sync makes this the real time
+        s.cache.rollback(n + a + 1)
+        s.tokens.extend([*draft.tokens[:a], nxt])
+        stats.time_verify += seconds
+        stats.steps += 1
+        stats.drafted += k
+        stats.accepted += a
+        stats.accepted_lengths.append(a)
+        stats.draft_lengths.append(k)
+        stats.modes.append(str(draft.source))
+        return a, hidden, seconds
+
+    def _record(self, selection: Selection | None) -> None:
+        if selection is None:
             return
-        yield [first]
-        while True:
-            budget = config.max_new_tokens - s.generated
-            t0 = time.perf_counter()
-            room = budget - 1 if exact_limit is None else min(budget - 1, exact_limit)
-            draft = drafter.propose(s, room) if room > 0 else Draft([], None, "plain")
-            s.draft_seconds = time.perf_counter() - t0
-            stats.time_draft += s.draft_seconds
-            tokens = _verify(s, drafter, draft)
-            s.round += 1
-            if not _emit(s, tokens):
-                yield tokens
-                return
-            yield tokens
-    finally:
-        stats.time_total = time.perf_counter() - t_start
-        stats.new_tokens = s.generated
+        self.stats.skip_sets.append((self.stats.steps, selection.skip))
+        if selection.ran_dp:
+            self.stats.layer_selections += 1
+        self.stats.time_select += selection.seconds
 
+    def _finish_round(self, new: list[int]) -> Chunk:
+        """Cut the round's new tokens (already in ``state.tokens``) at EOS, the token limit, a stopper
+        or a stop string; decide whether the generation goes on; decode the new text."""
+        s = self.state
+        eos_cut = next((i + 1 for i, t in enumerate(new) if t in s.eos_ids), None)
+        over = s.generated - s.config.max_new_tokens
+        length_cut = len(new) - over if over >= 0 else None
+        cuts = [c for c in (eos_cut, length_cut) if c is not None]
+        if cuts:
+            self._drop(new, min(cuts))
+            stopped = eos_cut is not None and (length_cut is None or eos_cut <= length_cut)
+            self.finish_reason = "stop" if stopped else "length"
+        if self.stopper is not None:
+            cut = self.stopper(s.tokens, len(new))
+            if cut is not None:
+                self._drop(new, cut)
+                self.finish_reason = "stop"
+        text = ""
+        if self.detokenizer is not None:
+            text, cut = self.detokenizer.add(new)
+            if cut is not None:
+                self._drop(new, cut + 1)
+                self.finish_reason = "stop"
+            elif self.done:
+                text += self.detokenizer.flush()
+        self.stats.new_tokens = s.generated
+        return Chunk(list(new), text)
 
-def _verify(s: Session, drafter: Drafter, draft: Draft) -> list[int]:
-    """One full-model forward over ``[last, drafts]``; accept, roll back, let the drafter observe."""
-    runner, cache, params = s.runner, s.cache, s.params
-    n = cache.length
-    k = len(draft)
-    inputs = torch.tensor([s.last_token, *draft.tokens], device=runner.device)
-    want = drafter.wants_hidden(s)
-    t0 = time.perf_counter()
-    logits, hidden = runner.forward(cache, inputs, n, collect_hidden=want)
-    drafted = inputs[1:]
-    if params.greedy:
-        a, nxt = greedy_accept(drafted, logits)
-    else:
-        a, nxt = speculative_accept(drafted, draft.probs, warp(logits, params), s.generator)
-    s.verify_seconds = time.perf_counter() - t0  # the acceptance's host sync makes this the real time
-    s.stats.time_verify += s.verify_seconds
-    cache.rollback(n + a + 1)
-    s.stats.steps += 1
-    s.stats.drafted += k
-    s.stats.accepted += a
-    s.stats.accepted_lengths.append(a)
-    s.stats.draft_lengths.append(k)
-    s.stats.modes.append(draft.source)
-    new = [*draft.tokens[:a], nxt]
-    s.tokens.extend(new)
-    drafter.observe(s, draft, a, hidden)
-    return new
-
-
-def _emit(s: Session, new: list[int]) -> bool:
-    """Cut ``new`` (already appended to ``s.tokens``) at the first EOS or the token limit, in place.
-    Returns whether generation goes on."""
-    cut = len(new)
-    for i, t in enumerate(new):
-        if t in s.eos_ids:
-            cut = i + 1
-            break
-    over = s.generated - s.config.max_new_tokens
-    cut = min(cut, len(new) - max(0, over))
-    if cut < len(new):
-        del s.tokens[len(s.tokens) - (len(new) - cut) :]
-        del new[cut:]
-    return not (new and new[-1] in s.eos_ids) and s.generated < s.config.max_new_tokens
+    def _drop(self, new: list[int], keep: int) -> None:
+        """Keep only the first ``keep`` of the round's ``new`` tokens, in the list and in the state."""
+        extra = len(new) - keep
+        if extra > 0:
+            del self.state.tokens[-extra:]
+            del new[keep:]

@@ -1,9 +1,10 @@
 """A model behind a queue: one worker thread runs generations one at a time, in arrival order.
 
 The model computes one sequence at a time (batch 1), so requests wait in a bounded FIFO. Each job has
-its own output channel and cancel flag: a cancelled job (client gone, timeout) stops at the next round
-boundary, or is dropped from the queue before it starts, and its slot is free at once. Every job owns
-its cache and session, so one job's failure or cancellation cannot touch another's state or output.
+its own output channel and cancel flag: a cancelled job (client gone, timeout, shutdown) stops at the
+next round boundary, or is dropped from the queue before it starts, and its slot is free at once. Every
+job owns its generation (and so its cache), so one job's failure or cancellation cannot touch another's
+state or output.
 """
 
 from __future__ import annotations
@@ -15,16 +16,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .api import GenerationResult, stream_tokens
+from .api import generation
 from .config import GenerationConfig
+from .decoding import GenerationResult
 
 
 class QueueFull(Exception):
     """The engine's queue holds ``max_queue`` jobs already."""
 
 
+class EngineClosed(Exception):
+    """The engine is shutting down and takes no more jobs."""
+
+
 @dataclass
 class Job:
+    """One request's generation: its prompt, settings, deadline and the channel its events go to."""
+
     prompt_ids: list[int]
     config: GenerationConfig
     loop: asyncio.AbstractEventLoop
@@ -32,12 +40,13 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0
-    enqueued: float = field(default_factory=time.monotonic)
-    started: float | None = None
 
     def emit(self, kind: str, payload) -> None:
-        """Hand an event to the request's coroutine, from the worker thread."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        """Hand an event (``delta``, ``done``, ``timeout``, ``error``, ``shutdown``) to the request's coroutine."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            self.cancel()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -55,7 +64,7 @@ class EngineStats:
 class Engine:
     """Runs :class:`Job` s for one model on a single worker thread."""
 
-    def __init__(self, model, tokenizer, *, max_queue: int = 64, on_finish=None) -> None:
+    def __init__(self, model, tokenizer, *, max_queue: int = 64) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()
@@ -64,7 +73,6 @@ class Engine:
         self._closed = False
         self.running: Job | None = None
         self.stats = EngineStats()
-        self.on_finish = on_finish
         self._thread = threading.Thread(target=self._work, name="clasp-engine", daemon=True)
         self._thread.start()
 
@@ -75,6 +83,8 @@ class Engine:
 
     def submit(self, job: Job) -> Job:
         with self._cond:
+            if self._closed:
+                raise EngineClosed
             self._pending = collections.deque(j for j in self._pending if not j.cancelled.is_set())
             if len(self._pending) >= self.max_queue:
                 raise QueueFull
@@ -83,10 +93,18 @@ class Engine:
             self._cond.notify()
         return job
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs, cancel the waiting and the running one, and wait up to ``timeout`` seconds
+        for the worker (it stops at the running job's next round boundary)."""
         with self._cond:
             self._closed = True
+            victims = [*self._pending, *([self.running] if self.running is not None else [])]
+            self._pending.clear()
+            for job in victims:
+                job.cancel()
+                job.emit("shutdown", None)
             self._cond.notify_all()
+        self._thread.join(timeout)
 
     def _next(self) -> Job | None:
         with self._cond:
@@ -94,6 +112,7 @@ class Engine:
                 while self._pending:
                     job = self._pending.popleft()
                     if not job.cancelled.is_set():
+                        self.running = job
                         return job
                 if self._closed:
                     return None
@@ -101,49 +120,46 @@ class Engine:
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
-            self.running = job
             try:
                 self._run(job)
             finally:
                 self.running = None
 
     def _run(self, job: Job) -> None:
-        job.started = time.monotonic()
-        if job.started > job.deadline:
-            job.emit("timeout", None)
-            return
         status = "ok"
+        gen = None
         try:
-            gen = stream_tokens(self.model, self.tokenizer, job.prompt_ids, job.config)
-            result: GenerationResult | None = None
-            while True:
-                if job.cancelled.is_set():
-                    status = "cancelled"
-                    gen.close()
-                    break
-                if time.monotonic() > job.deadline:
-                    status = "timeout"
-                    gen.close()
-                    job.emit("timeout", None)
-                    break
-                try:
-                    piece, ids = next(gen)
-                except StopIteration as done:
-                    result = done.value
-                    break
-                if piece:
-                    job.emit("delta", piece)
-            if result is not None:
-                st = result.stats
-                self.stats.tokens += st.new_tokens
-                self.stats.steps += st.steps
-                self.stats.drafted += st.drafted
-                self.stats.accepted += st.accepted
-                job.emit("done", result)
+            if time.monotonic() > job.deadline:
+                status = "timeout"
+                return
+            gen = generation(self.model, self.tokenizer, job.prompt_ids, job.config)
+            result = self._drive(job, gen)
+            if result is None:
+                status = "cancelled" if job.cancelled.is_set() else "timeout"
+                return
+            st = result.stats
+            self.stats.tokens += st.new_tokens
+            self.stats.steps += st.steps
+            self.stats.drafted += st.drafted
+            self.stats.accepted += st.accepted
+            job.emit("done", result)
         except Exception as e:  # one request's failure is its own
             status = "error"
             job.emit("error", e)
         finally:
+            if gen is not None:
+                gen.close()
+            if status == "timeout":
+                job.emit("timeout", None)
             self.stats.requests[status] += 1
-            if self.on_finish is not None:
-                self.on_finish(job, status)
+
+    @staticmethod
+    def _drive(job: Job, gen) -> GenerationResult | None:
+        """Step ``gen`` to its end, streaming text; ``None`` if cancelled or past the deadline first."""
+        while not gen.done:
+            if job.cancelled.is_set() or time.monotonic() > job.deadline:
+                return None
+            chunk = gen.step()
+            if chunk is not None and chunk.text:
+                job.emit("delta", chunk.text)
+        return gen.result()

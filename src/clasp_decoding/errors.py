@@ -21,3 +21,7 @@ class ModelLoadError(ClaspError):
 
 class UnsupportedModelError(ModelLoadError):
     """The model loaded, but its architecture cannot be driven layer by layer."""
+
+
+class RunnerBusyError(ClaspError, RuntimeError):
+    """A runner with a single static cache is already serving another live generation."""

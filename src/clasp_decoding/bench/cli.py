@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..models import DEFAULT_MODEL
+from ..fetch import DEFAULT_MODEL
 
 DEFAULT_METHODS = "ar,hf,clasp,pld,hybrid"
 

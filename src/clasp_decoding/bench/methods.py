@@ -1,7 +1,8 @@
 """Benchmark methods: what each name runs, and one turn of one question measured the same way for all.
 
-A method is a name from :data:`KINDS`, optionally with generation options in brackets, so sweeps are
-plain method lists: ``clasp[num_skip=8,draft_exit_threshold=0.8]``. Its label is the whole string.
+A method is a name from :data:`KINDS` (``hf`` and the engine's drafting methods), optionally with
+generation options in brackets, so sweeps are plain method lists:
+``clasp[num_skip=8,draft_exit_threshold=0.8]``. Its label is the whole string.
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..api import eos_ids_of, stream_tokens
+from ..api import eos_ids_of, generation
 from ..baselines import hf_generate
 from ..config import GenerationConfig
+from ..drafting.registry import METHODS
 from ..errors import ConfigError
 from .suite import BenchInputError
 
-KINDS = ("ar", "hf", "clasp", "static", "pld", "hybrid")
-"""``ar``: plain decoding through the project's runner; ``hf``: transformers' own generate; the others
-are the engine's drafting methods (``static`` uses the skip set found by :mod:`.static`)."""
+HF = "hf"
+KINDS = (HF, *METHODS)
+"""``hf``: transformers' own generate; the others are the engine's drafting methods (``ar`` is plain
+decoding through the project's runner; ``static`` uses the skip set found by :mod:`.static`)."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class MethodSpec:
     overrides: tuple[tuple[str, object], ...] = ()
 
     def config(self, base: GenerationConfig) -> GenerationConfig:
-        method = "ar" if self.kind in ("ar", "hf") else self.kind
+        method = "ar" if self.kind == HF else self.kind
         return base.updated(method=method, **dict(self.overrides))
 
 
@@ -108,18 +111,12 @@ class TurnResult:
 def run_turn(model, tokenizer, spec: MethodSpec, base: GenerationConfig, prompt_ids: list[int]) -> TurnResult:
     """Generate one answer; time it from the first model call to the last token, for every method alike."""
     cfg = spec.config(base)
-    if spec.kind == "hf":
+    if spec.kind == HF:
         ids, seconds = hf_generate(model, tokenizer, prompt_ids, cfg, eos_ids_of(model, tokenizer))
         text = tokenizer.decode(ids, skip_special_tokens=True)
         return TurnResult(ids, text, seconds, steps=len(ids))
-    it = stream_tokens(model, tokenizer, prompt_ids, cfg)
     t0 = time.perf_counter()
-    while True:
-        try:
-            next(it)
-        except StopIteration as done:
-            result = done.value
-            break
+    result = generation(model, tokenizer, prompt_ids, cfg).run()
     seconds = time.perf_counter() - t0
     st = result.stats
     return TurnResult(

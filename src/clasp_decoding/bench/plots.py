@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..drafting.registry import METHODS
 from .suite import TASKS  # noqa: E402
 
 
@@ -78,7 +79,9 @@ def make_plots(out: Path, rows: list[dict], summary: dict) -> list[str]:
     accepted_lengths(out / "accepted_lengths.png", rows)
     made.append("accepted_lengths.png")
     clasp_rows = [
-        r for r in rows if r["status"] == "ok" and r.get("kind") in ("clasp", "hybrid") and r.get("skip_sets")
+        r
+        for r in rows
+        if r["status"] == "ok" and r.get("kind") in METHODS and METHODS[r["kind"]].layer_skip and r.get("skip_sets")
     ]
     if clasp_rows:
         longest = max(clasp_rows, key=lambda r: (len(r["skip_sets"]), r["new_tokens"]))

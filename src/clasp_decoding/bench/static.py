@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import generate, runner_for
+from ..api import generate
 from ..config import GenerationConfig
+from ..context import runner_for
+from ..fetch import cache_dir
 from ..layer_select import clasp_dp, every_other_middle
-from ..models import cache_dir
 from ..text import encode_prompt
 
 CALIBRATION = (
@@ -105,7 +106,7 @@ def find_static_skip(
     prompts = [encode_prompt(tokenizer, p) for p in CALIBRATION]
     generate(model, tokenizer, prompts[0], base, method="ar", max_new_tokens=4)  # warm-up
     ids = torch.tensor(prompts[0], device=runner.device)
-    cache = runner.new_cache(len(ids) + num_layers + 2)
+    cache = runner.new_cache(len(ids), 1)
     _, hidden = runner.forward(cache, ids, 0, last_only=True, collect_hidden=True)
     cache.rollback(len(ids))
     pos = len(ids) - 1
@@ -114,6 +115,7 @@ def find_static_skip(
         m = max(1, round(ratio * num_layers))
         candidates.append(clasp_dp(hidden[:, 0], m, lambda i, s: runner.layer_candidates(cache, i - 1, s, pos)))
         candidates.append(every_other_middle(num_layers, m))
+    runner.release_cache(cache)
     tried: dict[tuple[int, ...], float] = {}
 
     def evaluate(skip: tuple[int, ...]) -> float:

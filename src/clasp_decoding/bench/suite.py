@@ -79,99 +79,101 @@ def select(questions: list[Question], per_task: int | None = None, tasks: list[s
     return out
 
 
+BUILTIN_ROWS = (
+    (
+        "mt-1",
+        "writing",
+        (
+            "Write a short, friendly email inviting a colleague to a code review on Friday.",
+            "Now rewrite it in a more formal tone.",
+        ),
+    ),
+    (
+        "mt-2",
+        "coding",
+        (
+            "Write a Python function that checks whether a string is a palindrome.",
+            "Add a docstring and two doctest examples.",
+        ),
+    ),
+    (
+        "tr-1",
+        "translation",
+        ("Translate German to English: Der Zug nach Berlin hat heute wegen eines Sturms eine Stunde Verspätung.",),
+    ),
+    (
+        "tr-2",
+        "translation",
+        (
+            "Translate German to English: Die Bibliothek bleibt während der Ferien "
+            "geschlossen, aber die Online-Kataloge sind weiterhin verfügbar.",
+        ),
+    ),
+    (
+        "su-1",
+        "summarization",
+        (
+            "Summarize the following article in two sentences.\n\nThe town of Millbrook opened its first public "
+            "library in 1923 with three hundred books donated by local families. Over the next century it grew "
+            "into a regional hub, adding a children's wing in 1965 and a computer lab in 1998. Last week the "
+            "council approved a renovation that will add solar panels, a quiet study floor and longer opening "
+            "hours. Librarians say visits have doubled since 2015, driven by students and remote workers. The "
+            "renovation will start in March and the library will stay open during the works.",
+        ),
+    ),
+    (
+        "su-2",
+        "summarization",
+        (
+            "Summarize the following article in two sentences.\n\nA team of marine biologists has tagged forty "
+            "sea turtles off the coast to study their migration. The tags report position and water temperature "
+            "every hour. Early data show that the turtles travel further north than expected during warm years. "
+            "The researchers hope the results will help protect feeding grounds. The project is funded for three "
+            "years and volunteers help with the tagging each summer.",
+        ),
+    ),
+    ("qa-1", "qa", ("Who wrote the novel Pride and Prejudice?",)),
+    ("qa-2", "qa", ("What is the capital city of Australia?",)),
+    (
+        "ma-1",
+        "math_reasoning",
+        (
+            "A baker makes 24 muffins in a batch. She bakes 5 batches and sells 97 "
+            "muffins. How many muffins are left? Explain step by step.",
+        ),
+    ),
+    (
+        "ma-2",
+        "math_reasoning",
+        (
+            "Tom reads 15 pages a day. His book has 240 pages and he has already read "
+            "60 pages. How many more days does he need to finish? Explain step by step.",
+        ),
+    ),
+    (
+        "rag-1",
+        "rag",
+        (
+            "Answer the question using the passages.\n\nPassage 1: The Eiffel Tower was completed in 1889 for the "
+            "World's Fair in Paris. Passage 2: It was designed by the engineering company of Gustave Eiffel. "
+            "Passage 3: The tower is 330 metres tall and was the tallest man-made structure until 1930.\n\n"
+            "Question: When was the Eiffel Tower completed and who designed it?",
+        ),
+    ),
+    (
+        "rag-2",
+        "rag",
+        (
+            "Answer the question using the passages.\n\nPassage 1: Photosynthesis converts light energy into "
+            "chemical energy stored in glucose. Passage 2: It takes place mainly in the chloroplasts of plant "
+            "leaves. Passage 3: Oxygen is released as a by-product.\n\nQuestion: Where does photosynthesis take "
+            "place and what gas does it release?",
+        ),
+    ),
+)
+"""Two short questions per Spec-Bench task, written for this project: (id, category, turns)."""
+
+
 def builtin_questions() -> list[Question]:
-    """Two short questions per Spec-Bench task, written for this project (so ``clasp bench`` runs on
-    a fresh machine without the development file)."""
-    rows = [
-        (
-            "mt-1",
-            "writing",
-            (
-                "Write a short, friendly email inviting a colleague to a code review on Friday.",
-                "Now rewrite it in a more formal tone.",
-            ),
-        ),
-        (
-            "mt-2",
-            "coding",
-            (
-                "Write a Python function that checks whether a string is a palindrome.",
-                "Add a docstring and two doctest examples.",
-            ),
-        ),
-        (
-            "tr-1",
-            "translation",
-            ("Translate German to English: Der Zug nach Berlin hat heute wegen eines Sturms eine Stunde Verspätung.",),
-        ),
-        (
-            "tr-2",
-            "translation",
-            (
-                "Translate German to English: Die Bibliothek bleibt während der Ferien "
-                "geschlossen, aber die Online-Kataloge sind weiterhin verfügbar.",
-            ),
-        ),
-        (
-            "su-1",
-            "summarization",
-            (
-                "Summarize the following article in two sentences.\n\nThe town of Millbrook opened its first public "
-                "library in 1923 with three hundred books donated by local families. Over the next century it grew "
-                "into a regional hub, adding a children's wing in 1965 and a computer lab in 1998. Last week the "
-                "council approved a renovation that will add solar panels, a quiet study floor and longer opening "
-                "hours. Librarians say visits have doubled since 2015, driven by students and remote workers. The "
-                "renovation will start in March and the library will stay open during the works.",
-            ),
-        ),
-        (
-            "su-2",
-            "summarization",
-            (
-                "Summarize the following article in two sentences.\n\nA team of marine biologists has tagged forty "
-                "sea turtles off the coast to study their migration. The tags report position and water temperature "
-                "every hour. Early data show that the turtles travel further north than expected during warm years. "
-                "The researchers hope the results will help protect feeding grounds. The project is funded for three "
-                "years and volunteers help with the tagging each summer.",
-            ),
-        ),
-        ("qa-1", "qa", ("Who wrote the novel Pride and Prejudice?",)),
-        ("qa-2", "qa", ("What is the capital city of Australia?",)),
-        (
-            "ma-1",
-            "math_reasoning",
-            (
-                "A baker makes 24 muffins in a batch. She bakes 5 batches and sells 97 "
-                "muffins. How many muffins are left? Explain step by step.",
-            ),
-        ),
-        (
-            "ma-2",
-            "math_reasoning",
-            (
-                "Tom reads 15 pages a day. His book has 240 pages and he has already read "
-                "60 pages. How many more days does he need to finish? Explain step by step.",
-            ),
-        ),
-        (
-            "rag-1",
-            "rag",
-            (
-                "Answer the question using the passages.\n\nPassage 1: The Eiffel Tower was completed in 1889 for the "
-                "World's Fair in Paris. Passage 2: It was designed by the engineering company of Gustave Eiffel. "
-                "Passage 3: The tower is 330 metres tall and was the tallest man-made structure until 1930.\n\n"
-                "Question: When was the Eiffel Tower completed and who designed it?",
-            ),
-        ),
-        (
-            "rag-2",
-            "rag",
-            (
-                "Answer the question using the passages.\n\nPassage 1: Photosynthesis converts light energy into "
-                "chemical energy stored in glucose. Passage 2: It takes place mainly in the chloroplasts of plant "
-                "leaves. Passage 3: Oxygen is released as a by-product.\n\nQuestion: Where does photosynthesis take "
-                "place and what gas does it release?",
-            ),
-        ),
-    ]
-    return [Question(qid, task_of(cat), cat, turns) for qid, cat, turns in rows]
+    """The built-in suite (so ``clasp bench`` runs on a fresh machine without the development file)."""
+    return [Question(qid, task_of(cat), cat, turns) for qid, cat, turns in BUILTIN_ROWS]

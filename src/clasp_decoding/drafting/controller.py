@@ -27,15 +27,18 @@ noticed: a short lookup draft every ``probe_every`` plain rounds when there is a
 layer-skip round, at intervals that double while such probes keep losing. The skip count ``M`` is
 chosen the same way at each layer selection, among a few candidates, unexplored ones first.
 
-The estimates live on the model's runner, one set per sampling setting, and carry over between
-generations: they describe the machine, the model and the kind of decoding, not one request, and they
-only ever change speed, never output.
+The estimates are kept per model (in its :class:`~..state.ModelState`), one set per sampling setting,
+and carry over between generations: they describe the machine, the model and the kind of decoding, not
+one request, and they only ever change speed, never output (greedy verification and position-keyed
+sampling emit the same tokens whatever was drafted; speculative sampling keeps the distribution).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+
+from .base import Source
 
 LENGTH_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 """Lookup draft lengths the controller chooses among (plus the whole match when it is shorter): few
@@ -74,7 +77,6 @@ class CopyHazard:
         self.prior, self.weight, self.decay, self.base = prior, weight, decay, base
         self.continued: dict[int, float] = {}
         self.tested: dict[int, float] = {}
-        self.rounds = 0
 
     def rate(self, length: int) -> float:
         """Probability that the copy's next token is accepted when the match is ``length`` tokens long.
@@ -88,7 +90,6 @@ class CopyHazard:
         """One round: ``accepted`` of ``drafted`` lookup tokens after a match of ``match_len`` tokens."""
         if drafted <= 0:
             return
-        self.rounds += 1
         for j in range(min(accepted + 1, drafted)):  # tokens after the first rejection were never tested
             b = match_bin(match_len + j)
             self.tested[b] = self.decay * self.tested.get(b, 0.0) + 1
@@ -107,23 +108,24 @@ class CopyHazard:
 
 @dataclass
 class Plan:
-    source: str  # "plain", "pld" or "clasp"
+    """A round's decision: draft up to ``max_tokens`` from ``source``, expecting ``rate`` tokens/s."""
+
+    source: Source
     max_tokens: int
-    rate: float  # expected tokens per second
+    rate: float
 
 
 @dataclass
 class ControllerState:
     """What the controller knows about one model on one machine."""
 
-    num_layers: int
     verify: dict[int, EMA] = field(default_factory=dict)
     lookup: CopyHazard = field(default_factory=CopyHazard)
     skip_sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # the last DP result per skip count
     realized: dict[tuple, tuple[EMA, EMA]] = field(default_factory=dict)
     realized_rounds: dict[tuple, int] = field(default_factory=dict)
     skip_probe_every: int = 0  # plain rounds between layer-skip probes; doubles while probes lose
-    fixed_costs: bool = False  # verification costs are a given model, not measured (reproducible runs)
+    draft_step: dict[int, EMA] = field(default_factory=dict)  # seconds of one draft step per skip count
 
     def realize(self, key: tuple, tokens: int, seconds: float) -> None:
         pair = self.realized.setdefault(key, (EMA(decay=0.9), EMA(decay=0.9)))
@@ -132,7 +134,7 @@ class ControllerState:
         self.realized_rounds[key] = self.realized_rounds.get(key, 0) + 1
 
     def realized_rate(self, key: tuple, min_rounds: int = 4) -> float | None:
-        """Tokens per second that rounds of this kind (``("clasp", M)``) actually delivered, as a ratio of
+        """Tokens per second that rounds of this kind (``(Source.LAYER_SKIP, M)``) actually delivered, as a ratio of
         running means (a mean of per-round rates would undervalue the long, productive rounds); it
         includes what the model of the rate leaves out (early exits, varying draft lengths)."""
         if self.realized_rounds.get(key, 0) < min_rounds:
@@ -187,17 +189,37 @@ class Controller:
         if not state.skip_probe_every:
             state.skip_probe_every = probe_every
 
+    def could_pay(self, source: Source, num_skip: int, budget: int) -> bool:
+        """Whether drafting from ``source`` could beat plain decoding at all, were every drafted token
+        accepted, by the costs measured so far (unmeasured lengths are extrapolated). Where verifying
+        ``k`` tokens costs ``k + 1`` plain steps, nothing can: then the controller neither drafts nor
+        probes, and decoding is plain."""
+        s = self.state
+        t0 = s.t_verify(0)
+        if t0 is None:
+            return True
+        step = s.draft_step.get(num_skip) if source is Source.LAYER_SKIP else None
+        per_draft = step.value if step is not None and step.value is not None else 0.0
+        limit = min(budget, self.max_draft if source is Source.LAYER_SKIP else LENGTH_LADDER[-1])
+        for k in sorted({n for n in LENGTH_LADDER if n < limit} | {limit}):
+            if k > 0 and (k + 1) / (s.t_verify(k) + k * per_draft) > self.margin / t0:
+                return True
+        return False
+
     def clasp_rate(self, num_skip: int, budget: int) -> tuple[int, float]:
         """Draft length and expected tokens/s for layer skipping at ``num_skip``.
 
         The length is the cap (``max_draft_tokens``, the budget): within it the draft-exiting threshold
         stops the draft at the first unconfident token, which is a sharper per-token decision than any
         length fixed in advance. The rate is what such rounds really delivered (a ratio of running means
-        of tokens and seconds, early exits included); a skip count without enough rounds yet is tried."""
+        of tokens and seconds, early exits included); a skip count without enough rounds yet is tried,
+        unless the measured costs show it could not pay even if every draft were accepted."""
         k = min(self.max_draft, budget)
-        seen = self.state.realized_rate(("clasp", num_skip))
-        if seen is None:  # untried: assume it beats plain decoding by half, so that it gets tried
-            t0 = self.state.t_verify(0)
+        seen = self.state.realized_rate((Source.LAYER_SKIP, num_skip))
+        if seen is None:
+            if not self.could_pay(Source.LAYER_SKIP, num_skip, budget):
+                return k, 0.0
+            t0 = self.state.t_verify(0)  # untried: assume it beats plain decoding by half, so it gets tried
             return k, (self.explore_gain / t0) if t0 else float("inf")
         return k, seen
 
@@ -206,12 +228,12 @@ class Controller:
         s = self.state
         limit = min(found, budget)
         expected = self.copies.expected(match_len, limit)
-        best = Plan("pld", 0, 0.0)
+        best = Plan(Source.LOOKUP, 0, 0.0)
         for k in sorted({n for n in LENGTH_LADDER if n < limit} | {limit}):
             tv = s.t_verify(k)
             rate = expected[k] / tv if tv else float("inf")
             if rate > best.rate:
-                best = Plan("pld", k, rate)
+                best = Plan(Source.LOOKUP, k, rate)
         return best
 
     def plan(self, num_skip: int, lookup_len: int, budget: int, match_len: int = 1) -> Plan:
@@ -221,7 +243,7 @@ class Controller:
         s = self.state
         t0 = s.t_verify(0)
         if budget <= 0 or t0 is None:  # the first round is plain: it measures the reference
-            return Plan("plain", 0, 0.0)
+            return Plan(Source.PLAIN, 0, 0.0)
         plain = 1.0 / t0
         options = []
         if lookup_len > 0:
@@ -230,41 +252,46 @@ class Controller:
                 options.append(look)
         if self.layer_skip:
             k, rate = self.clasp_rate(num_skip, budget)
-            options.append(Plan("clasp", k, rate))
-        best = max(options, key=lambda p: p.rate, default=Plan("plain", 0, plain))
+            options.append(Plan(Source.LAYER_SKIP, k, rate))
+        best = max(options, key=lambda p: p.rate, default=Plan(Source.PLAIN, 0, plain))
         if best.rate > plain * self.margin:
             self.plain_streak = 0
-            if best.source == "clasp":
+            if best.source is Source.LAYER_SKIP:
                 s.skip_probe_every = self.probe_every
             return best
         self.plain_streak += 1
-        if lookup_len > 0 and self.plain_streak % self.probe_every == 0:
+        probe_lookup = lookup_len > 0 and self.plain_streak % self.probe_every == 0
+        if probe_lookup and self.could_pay(Source.LOOKUP, num_skip, min(lookup_len, budget)):
             # Look again, cheaply: a short lookup draft refreshes the estimate for this match length.
-            return Plan("pld", min(lookup_len, budget, 2), best.rate)
-        if self.layer_skip and self.plain_streak >= s.skip_probe_every:
+            return Plan(Source.LOOKUP, min(lookup_len, budget, 2), best.rate)
+        if (
+            self.layer_skip
+            and self.plain_streak >= s.skip_probe_every
+            and self.could_pay(Source.LAYER_SKIP, num_skip, budget)
+        ):
             # A probe is a real round (same cap), so that its measured rate means what it says; while
             # probes keep losing they come ever more rarely.
             self.plain_streak = 0
             s.skip_probe_every = min(8 * self.probe_every, 2 * s.skip_probe_every)
-            return Plan("clasp", min(self.max_draft, budget), best.rate)
-        return Plan("plain", 0, plain)
+            return Plan(Source.LAYER_SKIP, min(self.max_draft, budget), best.rate)
+        return Plan(Source.PLAIN, 0, plain)
 
     def choose_num_skip(self, current: int) -> int:
         """The skip count for the next stretch: an unexplored candidate first, then the best expected rate."""
         s = self.state
         for m in self.candidates:
-            if s.realized_rate(("clasp", m)) is None and s.t_verify(0) is not None:
+            if s.realized_rate((Source.LAYER_SKIP, m)) is None and s.t_verify(0) is not None:
                 return m
         scored = [(self.clasp_rate(m, self.max_draft)[1], m) for m in self.candidates]
         return max(scored)[1] if scored else current
 
     def charge_selection(self, num_skip: int, seconds: float) -> None:
         """Layer selection serves the layer-skip draft: its cost counts against that draft's rate."""
-        self.state.realize(("clasp", num_skip), 0, seconds)
+        self.state.realize((Source.LAYER_SKIP, num_skip), 0, seconds)
 
     def observe(
         self,
-        source: str,
+        source: Source,
         drafted: int,
         accepted: int,
         verify_seconds: float,
@@ -273,9 +300,9 @@ class Controller:
         match_len: int = 1,
     ) -> None:
         s = self.state
-        if not s.fixed_costs:
-            s.verify.setdefault(drafted, EMA()).update(verify_seconds)
-        if source == "clasp" and drafted:
-            s.realize(("clasp", num_skip), accepted + 1, draft_seconds + verify_seconds)
-        elif source == "pld" and drafted:
+        s.verify.setdefault(drafted, EMA()).update(verify_seconds)
+        if source is Source.LAYER_SKIP and drafted:
+            s.realize((Source.LAYER_SKIP, num_skip), accepted + 1, draft_seconds + verify_seconds)
+            s.draft_step.setdefault(num_skip, EMA()).update(draft_seconds / drafted)
+        elif source is Source.LOOKUP and drafted:
             self.copies.update(match_len, drafted, accepted)
