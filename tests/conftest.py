@@ -46,12 +46,19 @@ def tiny_config(arch: str, vocab: int = 97, layers: int = 6, max_pos: int = 256,
     raise ValueError(arch)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **config):
+def tiny_model(
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    **config,
+):
     """A random-weight model; weights scaled up a little so that greedy outputs vary between tokens."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config))
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config), **extra)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:

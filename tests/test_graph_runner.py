@@ -73,3 +73,66 @@ def test_capacity_is_enforced():
     with pytest.raises(InputError, match="static cache of 32 tokens"):
         runner.new_cache(20, 13)
     runner.release_cache(runner.new_cache(20, 12))  # exactly full: served
+
+
+def test_an_80_layer_model_with_half_its_layers_skipped():
+    """A 70B-class depth: the DP sends up to 40 candidates per layer, more than one candidate call holds
+    (32), so they go in chunks; greedy output through the static-shape runner equals transformers'."""
+    model = tiny_model(
+        "llama", seed=5, layers=80, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1
+    )
+    prompt = random_prompt(81, 9) * 2
+    ref = hf_greedy(model, prompt, 20)
+    state = use_graphs(model, capacity=128, capture=False)
+    assert state.runner.max_candidates == 32
+    for method in ("clasp", "hybrid"):
+        cfg = GenerationConfig(
+            max_new_tokens=20, method=method, num_skip=40, draft_exit_threshold=0.0, layer_opt_interval=2
+        )
+        out, gen = run_tokens(model, prompt, cfg)
+        assert out == ref, method
+        assert gen.stats.layer_selections >= 1 and all(len(s) == 40 for _, s in gen.stats.skip_sets)
+
+
+def test_graph_runner_tells_the_truth_about_its_numerics():
+    model = tiny_model("qwen2", seed=6)
+    with pytest.warns(UserWarning, match="not bit-identical"):
+        runner = use_graphs(model, capacity=64, capture=False).runner
+    assert not runner.numerics.attention_rowwise and not runner.numerics.exact
+    assert runner.numerics.max_verify_drafts is None  # no exactness to keep: no cap either
+
+
+def test_interleaved_generations_each_own_their_cache():
+    """Two stream() generators consumed alternately: on the eager runner each has its own cache and both
+    give their own text; the graph runner's one static cache refuses the second with a clear error
+    (instead of letting the two overwrite each other), and serves again once the first is done."""
+    from clasp_decoding import stream
+    from clasp_decoding.errors import RunnerBusyError
+
+    model = tiny_model("llama", seed=7)
+    a_prompt, b_prompt = random_prompt(90, 8), random_prompt(91, 12)
+    a_ref, b_ref = hf_greedy(model, a_prompt, 24), hf_greedy(model, b_prompt, 24)
+
+    def tokens_of(gen):
+        return [t for chunk in gen for t in chunk.token_ids]
+
+    from clasp_decoding.api import generation
+
+    a = generation(model, None, a_prompt, max_new_tokens=24, method="clasp", draft_exit_threshold=0.0)
+    b = generation(model, None, b_prompt, max_new_tokens=24, method="pld")
+    got_a, got_b = [], []
+    while not (a.done and b.done):  # one round of each in turn, on the same runner
+        for gen, got in ((a, got_a), (b, got_b)):
+            chunk = gen.step()
+            if chunk is not None:
+                got += chunk.token_ids
+    assert got_a == a_ref and got_b == b_ref
+
+    use_graphs(model, capacity=64, capture=False)
+    first = generation(model, None, a_prompt, max_new_tokens=24)
+    next(iter(first))
+    with pytest.raises(RunnerBusyError, match="already serves a live generation"):
+        generation(model, None, b_prompt, max_new_tokens=24)
+    first.close()
+    assert tokens_of(generation(model, None, b_prompt, max_new_tokens=24)) == b_ref
+    assert "".join(stream(model, None, a_prompt, max_new_tokens=4)) == ""  # no tokenizer: ids only, no text

@@ -140,3 +140,34 @@ def test_many_prompts_and_lengths():
         )
         out, _ = run(model, prompt, cfg)
         assert out == ref, i
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_attention_matches_hf_generate(arch, dtype):
+    """With ``attn_implementation="eager"`` the prefill is one call, as transformers makes it, and each
+    verified row is attended as one decoding step is: the output is transformers' own."""
+    for seed in range(2):
+        model = tiny_model(arch, seed=seed, dtype=dtype, attn_implementation="eager")
+        assert model.config._attn_implementation == "eager"
+        prompt = random_prompt(800 + seed, 11)
+        ref = hf_greedy(model, prompt, 32)
+        for kw in (SETTINGS[0], SETTINGS[5]):
+            out, _ = run(model, prompt, GenerationConfig(max_new_tokens=32, **kw))
+            assert out == ref, (arch, dtype, seed, kw)
+        assert model.config._attn_implementation == "clasp_eager"
+
+
+def test_flash_attention_is_switched_to_sdpa_with_a_warning():
+    """A backend that would read the runner's 4D masks as padding masks is replaced, and says so."""
+    from clasp_decoding.runner import ModelRunner
+
+    model = tiny_model("llama", seed=1)
+    prompt = random_prompt(5, 9)
+    ref = hf_greedy(model, prompt, 24)
+    model.config._attn_implementation = "flash_attention_2"  # what a model loaded with flash attention has
+    with pytest.warns(UserWarning, match="switching this model to 'sdpa'"):
+        runner = ModelRunner(model)
+    assert model.config._attn_implementation == "clasp_sdpa" and runner.row_exact
+    out, _ = run_tokens(runner, prompt, GenerationConfig(max_new_tokens=24, **SETTINGS[1]))
+    assert out == ref

@@ -8,7 +8,7 @@ import pytest
 
 from clasp_decoding.config import GenerationConfig
 from clasp_decoding.drafting.base import Source
-from clasp_decoding.drafting.controller import EMA, Controller, ControllerState, CopyHazard, Plan, match_bin
+from clasp_decoding.drafting.controller import EMA, Controller, ControllerState, CopyHazard, Decision, match_bin
 from clasp_decoding.drafting.lookup import NgramIndex
 from conftest import ARCHS, hf_greedy, random_prompt, run_tokens, tiny_model
 
@@ -190,10 +190,10 @@ def cycle_plans(monkeypatch):
     def plan(self, num_skip, lookup_len, budget, match_len=1):
         mode = next(modes)
         if mode == "pld" and lookup_len:
-            return Plan(Source.LOOKUP, min(lookup_len, budget), 1.0)
+            return Decision(Source.LOOKUP, min(lookup_len, budget), 1.0)
         if mode == "plain" or budget <= 0:
-            return Plan(Source.PLAIN, 0, 1.0)
-        return Plan(Source.LAYER_SKIP, min(3, budget), 1.0)
+            return Decision(Source.PLAIN, 0, 1.0)
+        return Decision(Source.LAYER_SKIP, min(3, budget), 1.0)
 
     monkeypatch.setattr(Controller, "plan", plan)
 

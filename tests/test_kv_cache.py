@@ -16,14 +16,14 @@ from conftest import ARCHS, random_prompt, tiny_model
 def test_update_writes_at_the_planned_slots_and_reads_a_view():
     cache = KVCache(num_layers=2, capacity=8, dtype=torch.float32)
     k = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 2, 3, 4)
-    cache.plan(2, 3)
+    cache.route(2, 3)
     keys, values = cache.update(k, -k, 1)
     assert keys.shape == (1, 2, 5, 4)
     assert torch.equal(keys[:, :, 2:5], k) and torch.equal(values[:, :, 2:5], -k)
     assert keys.data_ptr() == cache.keys[1].data_ptr()  # a view of the buffer, not a copy
     assert cache.keys[0] is None  # layers are allocated when first written
     with pytest.raises(IndexError, match="overflow"):
-        cache.plan(7, 2)
+        cache.route(7, 2)
     with pytest.raises(ValueError):
         cache.rollback(9)
 

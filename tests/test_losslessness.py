@@ -20,7 +20,7 @@ import torch
 
 from clasp_decoding.config import GenerationConfig
 from clasp_decoding.drafting.base import Source
-from clasp_decoding.drafting.controller import Controller, Plan
+from clasp_decoding.drafting.controller import Controller, Decision
 from clasp_decoding.sampling import warp
 from conftest import ARCHS, random_prompt, run_tokens, tiny_model
 from lossless_stats import conditional_pvalue
@@ -54,10 +54,10 @@ def forced_cycle(monkeypatch):
     def plan(self, num_skip, lookup_len, budget, match_len=1):
         mode = next(modes)
         if mode is Source.LOOKUP and lookup_len:
-            return Plan(Source.LOOKUP, min(lookup_len, budget, 4), 1.0)
+            return Decision(Source.LOOKUP, min(lookup_len, budget, 4), 1.0)
         if mode is Source.PLAIN or budget <= 0:
-            return Plan(Source.PLAIN, 0, 1.0)
-        return Plan(Source.LAYER_SKIP, min(4, budget), 1.0)
+            return Decision(Source.PLAIN, 0, 1.0)
+        return Decision(Source.LAYER_SKIP, min(4, budget), 1.0)
 
     monkeypatch.setattr(Controller, "plan", plan)
 

@@ -160,6 +160,26 @@ def test_linear_probe_finds_how_many_rows_stay_exact(monkeypatch):
     assert limit == 8 and mode != "inexact"
 
 
+def test_linear_probe_checks_every_row_of_every_batch(monkeypatch):
+    """A kernel whose rows 16.. go wrong only in batches of 32 or more rows is caught at 32 (the old probe
+    compared the first 16 rows of each batch and missed it)."""
+    from clasp_decoding import numerics
+
+    weight = torch.randn(64, 48, dtype=torch.bfloat16)
+    plain = torch.nn.functional.linear
+
+    def late_rows(x, w, b=None):
+        y = plain(x, w, b)
+        if x.shape[0] >= 32:
+            y = y.clone()
+            y[16:] += 1e-2
+        return y
+
+    monkeypatch.setattr(torch.nn.functional, "linear", late_rows)
+    mode, limit = numerics.probe_linear(weight, None)
+    assert limit == 31 and mode != "inexact"
+
+
 def test_verification_never_exceeds_the_exact_row_limit():
     from dataclasses import replace
 
@@ -175,3 +195,37 @@ def test_verification_never_exceeds_the_exact_row_limit():
     out, gen = run_tokens(runner, prompt, cfg)
     assert out == hf_greedy(model, prompt, 30)
     assert max(gen.stats.draft_lengths) == 3
+
+
+def test_device_map_placement_and_per_layer_devices(tiny_model_dir):
+    """``load(..., device_map=...)`` places modules through accelerate; the runner keeps each layer's work
+    and cache on that layer's device. This machine has one device, so the second half of the layers is
+    declared on ``cpu:0`` (a distinct device object that moves nothing): the runner must move hidden
+    states, masks and rotary tables to it per call, collect hidden states back, and still be exact."""
+    from clasp_decoding import generate, load
+    from clasp_decoding.config import GenerationConfig
+    from clasp_decoding.context import runner_for
+    from conftest import hf_greedy
+
+    names = [
+        "model.embed_tokens",
+        "model.rotary_emb",
+        *[f"model.layers.{i}" for i in range(6)],
+        "model.norm",
+        "lm_head",
+    ]
+    model, tok = load(str(tiny_model_dir), dtype="fp32", device_map={n: "cpu" for n in names})
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    runner = runner_for(model)
+    prompt = tok("A hash table maps keys")["input_ids"]
+    ref = hf_greedy(model, prompt, 24, eos=tok.eos_token_id)
+    other = torch.device("cpu", 0)
+    runner.layer_devices = [torch.device("cpu")] * 3 + [other] * 3
+    runner.single_device = False
+    for method in ("clasp", "hybrid"):
+        cfg = GenerationConfig(
+            max_new_tokens=24, method=method, num_skip=2, draft_exit_threshold=0.0, layer_opt_interval=2
+        )
+        res = generate(model, tok, prompt, cfg)
+        assert res.token_ids == ref, method
+        assert res.stats.layer_selections >= 1  # the DP's candidate calls crossed the device boundary too

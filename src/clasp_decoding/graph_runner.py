@@ -7,7 +7,7 @@ buffers:
 - an *entry* graph per query bucket ``q``: embedding, rotary tables, positions, cache slots and masks;
 - a graph per decoder layer and bucket, all reading and writing one hidden-state buffer, so a draft
   with any skip set is just the replays of the layers it keeps;
-- an *exit* graph per bucket: final norm and head (and, for draft steps, the argmax and confidence);
+- an *exit* graph per bucket: final norm and head, of the last row (a draft step) or of every row;
 - per-layer graphs for the DP's candidate calls (one bucket of ``max_candidates`` rows; more candidates
   run in several calls, so any layer count and skip count works).
 

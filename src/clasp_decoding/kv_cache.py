@@ -6,7 +6,7 @@ is therefore ``cache.length = n``: nothing is copied, nothing is freed.
 
 The class speaks the one method of Hugging Face's ``Cache`` that attention layers call, ``update``, so
 the model's own attention modules read and write it. Before each call the runner says where the new
-keys go and how many slots attention reads (:meth:`plan`). Each layer's buffers are allocated on the
+keys go and how many slots attention reads (:meth:`route`). Each layer's buffers are allocated on the
 device of the keys it is first given, so a model whose layers sit on several devices keeps every
 layer's cache next to the layer.
 """
@@ -29,7 +29,7 @@ class KVCache:
         self._write_start = 0
         self._read_len = 0
 
-    def plan(self, write_start: int, num_new: int, read_len: int | None = None) -> None:
+    def route(self, write_start: int, num_new: int, read_len: int | None = None) -> None:
         """Route the next ``update`` calls: new keys go to ``[write_start, write_start + num_new)``;
         attention reads slots ``[0, read_len)`` (default: up to the last written slot)."""
         end = write_start + num_new
@@ -39,7 +39,7 @@ class KVCache:
         self._read_len = end if read_len is None else read_len
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write ``[1, heads, n, dim]`` keys/values at the planned slots; return views of the readable part."""
+        """Write ``[1, heads, n, dim]`` keys/values at the routed slots; return views of the readable part."""
         keys = self.keys[layer_idx]
         if keys is None:
             keys, values = self._allocate(layer_idx, key_states, value_states)

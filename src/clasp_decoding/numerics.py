@@ -39,7 +39,7 @@ ROW_LADDER = (2, 3, 4, 5, 8, 9, 12, 16, 17, 24, 31, 32, 33, 40, 48, 56, 63, 64, 
 
 
 @dataclass(frozen=True)
-class RowPlan:
+class RowSpec:
     """How the runner wants a call attended. ``start`` is the first query's slot (= its position).
 
     ``mode`` is ``"causal"`` (queries at consecutive positions from ``start``, each seeing every slot up
@@ -100,7 +100,7 @@ def _make_backend(inner_name: str):
     from slot 0 is one call, as ``transformers``' own prefill makes it.
     """
 
-    def clasp_attention(module, query, key, value, attention_mask, *args, clasp_rows: RowPlan | None = None, **kwargs):
+    def clasp_attention(module, query, key, value, attention_mask, *args, clasp_rows: RowSpec | None = None, **kwargs):
         inner = _inner_function(inner_name, module)
         if clasp_rows is None or clasp_rows.mode == "masked":
             return inner(module, query, key, value, attention_mask, *args, **kwargs)

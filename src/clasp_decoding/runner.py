@@ -27,7 +27,7 @@ from .draft_head import VocabSubset
 from .errors import InputError
 from .families import check_supported, model_parts
 from .kv_cache import KVCache
-from .numerics import RowPlan, install
+from .numerics import RowSpec, install
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -153,7 +153,7 @@ class ModelRunner:
         position_embeddings,
         position_ids: torch.Tensor,
         cache: KVCache,
-        plan: RowPlan,
+        plan: RowSpec,
     ) -> torch.Tensor:
         extra = {"clasp_rows": plan} if self.row_exact else {}
         out = layer(
@@ -210,7 +210,7 @@ class ModelRunner:
         """
         q = tokens.shape[-1]
         end = start + q
-        cache.plan(start, q, end)
+        cache.route(start, q, end)
         hidden = self._embed(tokens.view(1, q))
         dev = hidden.device
         position_ids = torch.arange(start, end, device=dev)[None]
@@ -224,7 +224,7 @@ class ModelRunner:
             masks = self._masks(kv_pos[None, :] <= q_pos[:, None], q_pos, kv_pos)
         states = [hidden[0]] if collect_hidden else None
         plans = {
-            kind: RowPlan(start, "causal", self.sliding_window if kind == "sliding_attention" else None)
+            kind: RowSpec(start, "causal", self.sliding_window if kind == "sliding_attention" else None)
             for kind in masks
         }
         placed: dict = {}
@@ -265,7 +265,7 @@ class ModelRunner:
         dev = self.layer_devices[index]
         first = position + 1
         read_len = first + n
-        cache.plan(first, n, read_len)
+        cache.route(first, n, read_len)
         position_ids = torch.full((1, n), position, device=dev, dtype=torch.long)
         hidden = states.to(dev).view(1, n, -1)
         kind = self.layer_types[index]
@@ -275,6 +275,6 @@ class ModelRunner:
         visible = own | (kv[None, :] < position)
         kv_pos = torch.where(kv >= first, torch.full_like(kv, position), kv)
         mask = self._masks(visible, position_ids[0], kv_pos)[kind]
-        plan = RowPlan(position, "masked")
+        plan = RowSpec(position, "masked")
         out = self._run_layer(self.layers[index], hidden, mask, pe, position_ids, cache, plan)[0]
         return out.to(states.device)

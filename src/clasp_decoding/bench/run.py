@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,6 @@ class BenchSettings:
     questions_source: str = "built-in"
     per_task: int | None = None
     tasks: list[str] | None = None
-    base_config: dict = field(default_factory=dict)
 
     def generation_config(self) -> GenerationConfig:
         return GenerationConfig(
@@ -62,7 +61,7 @@ class BenchSettings:
             top_p=self.top_p,
             top_k=self.top_k,
             seed=self.seed,
-        ).updated(**self.base_config)
+        )
 
     def info(self) -> dict:
         return {

@@ -107,7 +107,7 @@ class CopyHazard:
 
 
 @dataclass
-class Plan:
+class Decision:
     """A round's decision: draft up to ``max_tokens`` from ``source``, expecting ``rate`` tokens/s."""
 
     source: Source
@@ -223,27 +223,27 @@ class Controller:
             return k, (self.explore_gain / t0) if t0 else float("inf")
         return k, seen
 
-    def lookup_plan(self, match_len: int, found: int, budget: int) -> Plan:
+    def lookup_plan(self, match_len: int, found: int, budget: int) -> Decision:
         """The lookup draft length with the best expected tokens per second (0: none pays)."""
         s = self.state
         limit = min(found, budget)
         expected = self.copies.expected(match_len, limit)
-        best = Plan(Source.LOOKUP, 0, 0.0)
+        best = Decision(Source.LOOKUP, 0, 0.0)
         for k in sorted({n for n in LENGTH_LADDER if n < limit} | {limit}):
             tv = s.t_verify(k)
             rate = expected[k] / tv if tv else float("inf")
             if rate > best.rate:
-                best = Plan(Source.LOOKUP, k, rate)
+                best = Decision(Source.LOOKUP, k, rate)
         return best
 
-    def plan(self, num_skip: int, lookup_len: int, budget: int, match_len: int = 1) -> Plan:
+    def plan(self, num_skip: int, lookup_len: int, budget: int, match_len: int = 1) -> Decision:
         """This round: draft from prompt lookup (when it found ``lookup_len`` continuation tokens after a
         match of ``match_len`` tokens), from the layer-skip draft, or not at all, whichever promises the
         most tokens per second."""
         s = self.state
         t0 = s.t_verify(0)
         if budget <= 0 or t0 is None:  # the first round is plain: it measures the reference
-            return Plan(Source.PLAIN, 0, 0.0)
+            return Decision(Source.PLAIN, 0, 0.0)
         plain = 1.0 / t0
         options = []
         if lookup_len > 0:
@@ -252,8 +252,8 @@ class Controller:
                 options.append(look)
         if self.layer_skip:
             k, rate = self.clasp_rate(num_skip, budget)
-            options.append(Plan(Source.LAYER_SKIP, k, rate))
-        best = max(options, key=lambda p: p.rate, default=Plan(Source.PLAIN, 0, plain))
+            options.append(Decision(Source.LAYER_SKIP, k, rate))
+        best = max(options, key=lambda p: p.rate, default=Decision(Source.PLAIN, 0, plain))
         if best.rate > plain * self.margin:
             self.plain_streak = 0
             if best.source is Source.LAYER_SKIP:
@@ -263,7 +263,7 @@ class Controller:
         probe_lookup = lookup_len > 0 and self.plain_streak % self.probe_every == 0
         if probe_lookup and self.could_pay(Source.LOOKUP, num_skip, min(lookup_len, budget)):
             # Look again, cheaply: a short lookup draft refreshes the estimate for this match length.
-            return Plan(Source.LOOKUP, min(lookup_len, budget, 2), best.rate)
+            return Decision(Source.LOOKUP, min(lookup_len, budget, 2), best.rate)
         if (
             self.layer_skip
             and self.plain_streak >= s.skip_probe_every
@@ -273,8 +273,8 @@ class Controller:
             # probes keep losing they come ever more rarely.
             self.plain_streak = 0
             s.skip_probe_every = min(8 * self.probe_every, 2 * s.skip_probe_every)
-            return Plan(Source.LAYER_SKIP, min(self.max_draft, budget), best.rate)
-        return Plan(Source.PLAIN, 0, plain)
+            return Decision(Source.LAYER_SKIP, min(self.max_draft, budget), best.rate)
+        return Decision(Source.PLAIN, 0, plain)
 
     def choose_num_skip(self, current: int) -> int:
         """The skip count for the next stretch: an unexplored candidate first, then the best expected rate."""
