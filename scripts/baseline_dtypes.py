@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from clasp_decoding import numerics  # noqa: E402
-from clasp_decoding.models import BUILTIN_MODELS, fetch_builtin  # noqa: E402
+from clasp_decoding.fetch import BUILTIN_MODELS, fetch_builtin  # noqa: E402
 from clasp_decoding.text import encode_prompt  # noqa: E402
 
 PROMPTS = [

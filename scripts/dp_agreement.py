@@ -26,10 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from clasp_decoding import load  # noqa: E402
-from clasp_decoding.api import eos_ids_of, runner_for  # noqa: E402
+from clasp_decoding.api import eos_ids_of  # noqa: E402
 from clasp_decoding.baselines import hf_generate  # noqa: E402
 from clasp_decoding.bench.suite import TASKS, load_questions, select  # noqa: E402
 from clasp_decoding.config import GenerationConfig  # noqa: E402
+from clasp_decoding.context import runner_for  # noqa: E402
+from clasp_decoding.kv_cache import KVCache  # noqa: E402
 from clasp_decoding.layer_select import clasp_dp, every_other_middle  # noqa: E402
 from clasp_decoding.text import encode_prompt  # noqa: E402
 
@@ -38,7 +40,7 @@ def agreement(runner, seq: list[int], prompt_len: int, skips: dict[int, tuple[in
     """``skips`` maps a position to the skip set in force there (the latest key at or before it)."""
     L = runner.num_layers
     ids = torch.tensor(seq)
-    cache = runner.new_cache(len(seq) + L + 2)
+    cache = KVCache(runner.num_layers, len(seq) + L + 2, runner.dtype)
     runner.forward(cache, ids, 0)  # the full model's K/V for every position
     keys = sorted(skips)
     hits = 0
@@ -53,7 +55,7 @@ def agreement(runner, seq: list[int], prompt_len: int, skips: dict[int, tuple[in
 
 def dp_sets(runner, seq: list[int], positions: list[int], m: int) -> dict[int, tuple[int, ...]]:
     ids = torch.tensor(seq)
-    cache = runner.new_cache(len(seq) + runner.num_layers + 2)
+    cache = KVCache(runner.num_layers, len(seq) + runner.num_layers + 2, runner.dtype)
     _, hidden = runner.forward(cache, ids, 0, collect_hidden=True)
     out = {}
     for p in sorted(positions, reverse=True):  # a DP at p reads slots < p and writes scratch above p

@@ -23,9 +23,9 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from clasp_decoding.bench.suite import load_questions  # noqa: E402
-from clasp_decoding.controller import Controller, ControllerState  # noqa: E402
-from clasp_decoding.drafters import PromptLookupDrafter  # noqa: E402
-from clasp_decoding.models import fetch_builtin  # noqa: E402
+from clasp_decoding.drafting.controller import Controller, ControllerState  # noqa: E402
+from clasp_decoding.drafting.lookup import NgramIndex  # noqa: E402
+from clasp_decoding.fetch import fetch_builtin  # noqa: E402
 from clasp_decoding.text import encode_prompt  # noqa: E402
 
 # Verification cost in plain steps by drafts, measured by scripts/verify_cost.py (qwen2.5-coder-1.5b, bf16).
@@ -65,15 +65,15 @@ def turns(out: Path, questions: str, tokenizer) -> list[tuple[str, list[int], li
 
 
 def replay(data, lo: int, n: int, controller: bool = False, cap: int = 31) -> dict[str, float]:
-    state = ControllerState(num_layers=28)
+    state = ControllerState()
     per_task: dict[str, list[float]] = defaultdict(list)
     for task, prompt, out in data:
         ctrl = Controller(state, max_draft=8, candidates=[8], layer_skip=False)
-        lookup = PromptLookupDrafter(lo, 4, n)
+        lookup = NgramIndex(lo, 4)
         ctx, done, time = [*prompt, out[0]], 1, 1.0
         while done < len(out):
             budget = min(len(out) - done - 1, cap)
-            found, match = lookup.lookup(ctx, budget)
+            found, match = lookup.lookup(ctx, min(budget, n))
             k = len(found)
             if controller:
                 plan = ctrl.plan(8, k, budget, match)

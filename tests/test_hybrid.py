@@ -224,3 +224,53 @@ def test_every_mode_switch_keeps_greedy_output(arch, monkeypatch):
     out, gen = run_tokens(model, prompt, cfg)
     assert out == ref
     assert {"plain", "pld", "clasp"} <= set(gen.stats.modes), (gen.stats.modes, gen.stats.draft_lengths)
+
+
+class SlowVerifyRunner:
+    """A runner whose calls take ``base`` seconds per row (a draft step its share of the layers), compute
+    included: a machine where verifying ``k`` drafts costs ``k + 1`` plain steps, as bf16 on CPUs without
+    AMX nearly does."""
+
+    def __init__(self, runner, base: float) -> None:
+        self._runner, self.base = runner, base
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def forward(self, cache, tokens, start, **kw):
+        import time
+
+        t0 = time.perf_counter()
+        out = self._runner.forward(cache, tokens, start, **kw)
+        layers = kw.get("layers")
+        share = 1.0 if layers is None else len(layers) / self._runner.num_layers
+        time.sleep(max(0.0, self.base * tokens.shape[-1] * share - (time.perf_counter() - t0)))
+        return out
+
+
+def test_where_verification_costs_k_steps_the_default_decodes_plainly():
+    """The default method measures the costs, sees that no draft can pay, neither drafts nor probes, and
+    stays within 3% of plain decoding's time."""
+    from clasp_decoding.runner import ModelRunner
+    from clasp_decoding.state import ModelState
+
+    model = tiny_model("llama", seed=3)
+    slow = SlowVerifyRunner(ModelRunner(model), base=0.02)
+    state = ModelState(slow)
+    prompt = random_prompt(31, 6) * 4  # repeats: prompt lookup finds matches all the time
+
+    def run(method: str):
+        from clasp_decoding.decoding import Generation
+        from clasp_decoding.drafting.registry import make_drafter
+
+        cfg = GenerationConfig(max_new_tokens=40, method=method)
+        gen = Generation(slow, prompt, cfg, make_drafter(cfg), model=state)
+        return gen.run()
+
+    run("hybrid")  # the first generation measures the costs (once per model)
+    hybrid, plain = run("hybrid"), run("ar")
+    assert hybrid.stats.modes.count("plain") >= 0.9 * len(hybrid.stats.modes), hybrid.stats.modes
+    assert hybrid.token_ids == plain.token_ids
+    costs = state.learned["costs"].verify
+    assert costs[2] > 2.5 * costs[0]  # the measurement saw the simulated machine
+    assert hybrid.stats.time_total <= 1.03 * plain.stats.time_total, (hybrid.stats.time_total, plain.stats.time_total)

@@ -21,8 +21,9 @@ CEILINGS = {
 """Hard upper bounds. ``lookup_max_ngram`` bounds the prompt-lookup index: it holds every n-gram of the
 context up to that length, so its memory is linear in the context with this constant factor."""
 
-QUANT_KINDS = ("none", "int8", "int4")
-"""Weight-only quantizations the draft may use (see :mod:`.quant`); the verifier never does."""
+QUANT_KINDS = ("auto", "none", "int8", "int4")
+"""Weight-only quantizations the draft may use (see :mod:`.quant`); the verifier never does. ``auto`` is
+int8 where torch has a fused int8 kernel for the model's device, else none."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class GenerationConfig:
     layer_opt_interval: int = 16
     skip_layers: tuple[int, ...] | None = None
     draft_vocab: int = 32768
-    draft_quant: str = "none"
+    draft_quant: str = "auto"  # int8 copies of the draft's layers where a fused kernel exists
     # Prompt lookup (pld, hybrid).
     lookup_min_ngram: int = 1
     lookup_max_ngram: int = 4

@@ -307,7 +307,9 @@ class GraphRunner(ModelRunner):
         return logits, hidden
 
     @torch.inference_mode()
-    def layer_candidates(self, cache: KVCache, index: int, states: torch.Tensor, position: int) -> torch.Tensor:
+    def layer_candidates(
+        self, cache: KVCache, index: int, states: torch.Tensor, position: int, module: nn.Module | None = None
+    ) -> torch.Tensor:
         """The DP's call for layer ``index``, in chunks of ``max_candidates`` rows (each chunk writes the
         same scratch slots: candidates never see each other)."""
         n = states.shape[0]
@@ -322,6 +324,6 @@ class GraphRunner(ModelRunner):
             b.hidden[0, m:].zero_()
             self.start.fill_(position)
             self._run(("cand-entry",), lambda: self._entry(b, candidates=True))
-            self._run(("cand", index), lambda: self._layer(b, index, False))
+            self._run(("cand", index, module is not None), lambda: self._layer(b, index, False, module))
             outs.append(b.hidden[0, :m].clone())
         return torch.cat(outs) if len(outs) > 1 else outs[0]

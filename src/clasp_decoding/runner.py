@@ -248,8 +248,11 @@ class ModelRunner:
         return self.logits(out, vocab), (torch.stack(states) if states is not None else None)
 
     @torch.inference_mode()
-    def layer_candidates(self, cache: KVCache, index: int, states: torch.Tensor, position: int) -> torch.Tensor:
-        """Run layer ``index`` on ``n`` candidate states ``[n, d]`` of the token at ``position``.
+    def layer_candidates(
+        self, cache: KVCache, index: int, states: torch.Tensor, position: int, module: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Run layer ``index`` (or its stand-in ``module``, a quantized draft's copy) on ``n`` candidate
+        states ``[n, d]`` of the token at ``position``.
 
         The candidates form a pseudo-sequence sharing one position id. Their K/V go to scratch slots
         ``position + 1 .. position + n`` (beyond the verified ones), and the mask lets candidate ``j``
@@ -276,5 +279,6 @@ class ModelRunner:
         kv_pos = torch.where(kv >= first, torch.full_like(kv, position), kv)
         mask = self._masks(visible, position_ids[0], kv_pos)[kind]
         plan = RowSpec(position, "masked")
-        out = self._run_layer(self.layers[index], hidden, mask, pe, position_ids, cache, plan)[0]
+        layer = self.layers[index] if module is None else module
+        out = self._run_layer(layer, hidden, mask, pe, position_ids, cache, plan)[0]
         return out.to(states.device)

@@ -1,4 +1,4 @@
-"""Spec-Bench's arithmetic on benchmark records, and the greedy fidelity check.
+"""Spec-Bench's arithmetic on benchmark records, and the fidelity check.
 
 Per question, tokens/s = new tokens over all turns / wall time over all turns. A method's speedup over
 the baseline = mean over questions of its tokens/s / the same mean for the baseline, on the questions
@@ -87,8 +87,10 @@ def _stats(
     return out
 
 
-def summarize(rows: list[dict], baseline: str, greedy: bool) -> dict:
-    """Per method, overall and per task: speedup, mean accepted tokens, acceptance, tokens/s, fidelity."""
+def summarize(rows: list[dict], baseline: str, reference: str | None) -> dict:
+    """Per method, overall and per task: speedup, mean accepted tokens, acceptance, tokens/s, and fidelity:
+    the share of turns whose tokens equal ``reference``'s (greedy: the baseline; seeded sampling: plain
+    decoding ``ar`` under the same seed; ``None``: not applicable)."""
     groups = _questions(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     repeats = sorted({k[2] for k in groups}) or [0]
@@ -96,7 +98,7 @@ def summarize(rows: list[dict], baseline: str, greedy: bool) -> dict:
     for (m, q, r), g in groups.items():
         tps[m][(q, r)] = g["tokens"] / g["seconds"] if g["seconds"] > 0 else 0.0
     base_tps = tps.get(baseline, {})
-    summary = {"baseline": baseline, "greedy": greedy, "methods": {}, "mismatches": {}, "failed": {}}
+    summary = {"baseline": baseline, "reference": reference, "methods": {}, "mismatches": {}, "failed": {}}
     for m in methods:
         entries = [dict(g, qid=q) for (mm, q, r), g in groups.items() if mm == m]
         by_task = defaultdict(list)
@@ -105,10 +107,10 @@ def summarize(rows: list[dict], baseline: str, greedy: bool) -> dict:
         result = {"overall": _stats(entries, base_tps, tps[m], repeats), "tasks": {}}
         for task in [t for t in TASKS if t in by_task] + sorted(set(by_task) - set(TASKS)):
             result["tasks"][task] = _stats(by_task[task], base_tps, tps[m], repeats)
-        fidelity = _fidelity(groups, m, baseline, greedy)
-        result["overall"]["greedy_match_rate"] = fidelity["rate"]
+        fidelity = _fidelity(groups, m, reference)
+        result["overall"]["match_rate"] = fidelity["rate"]
         for task, entry in result["tasks"].items():
-            entry["greedy_match_rate"] = fidelity["tasks"].get(task)
+            entry["match_rate"] = fidelity["tasks"].get(task)
         summary["methods"][m] = result
         summary["mismatches"][m] = fidelity["mismatches"]
         failed = [
@@ -121,9 +123,9 @@ def summarize(rows: list[dict], baseline: str, greedy: bool) -> dict:
     return summary
 
 
-def _fidelity(groups: dict, method: str, baseline: str, greedy: bool) -> dict:
-    """Greedy only: compare every turn's tokens with the baseline's (repeat 0)."""
-    if not greedy:
+def _fidelity(groups: dict, method: str, baseline: str | None) -> dict:
+    """Compare every turn's tokens with the reference method's (repeat 0)."""
+    if baseline is None:
         return {"rate": None, "tasks": {}, "mismatches": []}
     total, same = 0, 0
     per_task: dict[str, list[int]] = defaultdict(lambda: [0, 0])

@@ -40,6 +40,10 @@ from dataclasses import dataclass, field
 
 from .base import Source
 
+PAY_MARGIN = 1.05
+"""Drafting is considered at all only if, with every draft accepted, it would beat plain decoding by this
+factor: below it, timing noise decides, and probing costs more than it can find."""
+
 LENGTH_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 """Lookup draft lengths the controller chooses among (plus the whole match when it is shorter): few
 enough that each gets its verification time measured."""
@@ -202,7 +206,7 @@ class Controller:
         per_draft = step.value if step is not None and step.value is not None else 0.0
         limit = min(budget, self.max_draft if source is Source.LAYER_SKIP else LENGTH_LADDER[-1])
         for k in sorted({n for n in LENGTH_LADDER if n < limit} | {limit}):
-            if k > 0 and (k + 1) / (s.t_verify(k) + k * per_draft) > self.margin / t0:
+            if k > 0 and (k + 1) / (s.t_verify(k) + k * per_draft) > PAY_MARGIN / t0:
                 return True
         return False
 

@@ -41,7 +41,14 @@ def controller_state(state: DecodeState) -> ControllerState:
     (acceptance differs between greedy decoding and each temperature, so each setting learns its own).
     A new set starts from the costs measured for the model, when they were."""
     p = state.config.sampling
-    key = ("controller", 0.0 if p.greedy else p.temperature, p.top_k, p.top_p, state.config.draft_quant)
+    key = (
+        "controller",
+        0.0 if p.greedy else p.temperature,
+        p.top_k,
+        p.top_p,
+        state.config.draft_quant,
+        state.config.draft_vocab,
+    )
 
     def make() -> ControllerState:
         fresh = ControllerState()

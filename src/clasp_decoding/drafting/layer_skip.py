@@ -14,10 +14,12 @@ import torch
 
 from ..draft_head import VocabSubset
 from ..layer_select import clasp_dp, every_other_middle
+from ..quant import draft_modules, resolve
 from .base import Draft, Drafter, Outcome, Selection, Source
 
 if TYPE_CHECKING:
-    from ..state import DecodeState
+    from ..config import GenerationConfig
+    from ..state import DecodeState, ModelState
 
 
 class LayerSkipDrafter(Drafter):
@@ -31,9 +33,18 @@ class LayerSkipDrafter(Drafter):
         self.keep: tuple[int, ...] = ()
         self.vocab: VocabSubset | None = None
         self.modules = None  # stand-in modules for the kept layers (a quantized draft), or None
+        self.quant = "none"
 
     def wants_prefill_hidden(self) -> bool:
         return self.dynamic
+
+    def warm_up(self, model: ModelState, config: GenerationConfig) -> None:
+        """Quantized copies of the layers, made once per model (before any cache is in use)."""
+        quant = resolve(config.draft_quant, model.runner.device)
+        if quant != "none":
+            vocab = model.runner.vocab_size
+            limit = config.draft_vocab if 0 < config.draft_vocab < vocab else vocab
+            draft_modules(model, quant, VocabSubset(model.runner.head, limit))
 
     def prepare(self, state: DecodeState, num_skip: int | None = None) -> Selection | None:
         """This generation's draft: skip count, draft head, quantized layers; a fixed skip set if the
@@ -43,11 +54,9 @@ class LayerSkipDrafter(Drafter):
         self.num_skip = num_skip if num_skip is not None else cfg.num_skipped(runner.num_layers)
         if cfg.draft_vocab and cfg.draft_vocab < runner.vocab_size:
             self.vocab = VocabSubset(runner.head, cfg.draft_vocab, state.tokens)
-        if cfg.draft_quant != "none":
-            from ..quant import draft_modules
-
-            self.modules, head = draft_modules(state.model, cfg.draft_quant, self.vocab)
-            self.vocab = head
+        self.quant = resolve(cfg.draft_quant, runner.device)
+        if self.quant != "none":
+            self.modules, self.vocab = draft_modules(state.model, self.quant, self.vocab)
         if cfg.skip_layers is not None:
             self.dynamic = False
             return self.adopt(state, tuple(sorted(set(cfg.skip_layers))))
@@ -72,7 +81,12 @@ class LayerSkipDrafter(Drafter):
         """Run CLaSp's DP on the hidden states ``[L + 1, d]`` of the (verified) token at ``position``."""
         t0 = time.perf_counter()
         runner, cache = state.runner, state.cache
-        skip = clasp_dp(hidden, self.num_skip, lambda i, s: runner.layer_candidates(cache, i - 1, s, position))
+        modules = self.modules  # the DP scores the draft that will run: quantized layers if it uses them
+
+        def run_layer(i: int, states: torch.Tensor) -> torch.Tensor:
+            return runner.layer_candidates(cache, i - 1, states, position, None if modules is None else modules[i - 1])
+
+        skip = clasp_dp(hidden, self.num_skip, run_layer)
         return self.adopt(state, skip, time.perf_counter() - t0, ran_dp=True)
 
     def wants_hidden(self, state: DecodeState) -> bool:
