@@ -34,11 +34,16 @@ def exact_rates(repeats: int) -> None:
     print(f"## Exact acceptance test ({EXACT.N_ROUNDS} rounds per case, mutants 4000, alpha {EXACT.ALPHA})\n")
     alarms = 0
     for seed in range(1, repeats + 1):
-        alarms += any(min(EXACT.acceptance_pvalues(speculative_accept, *c, seed=seed)) < EXACT.ALPHA for c in EXACT.CASES)
+        alarms += any(
+            min(EXACT.acceptance_pvalues(speculative_accept, *c, seed=seed)) < EXACT.ALPHA for c in EXACT.CASES
+        )
     print(f"- correct code, all {len(EXACT.CASES)} cases: false alarms in {alarms}/{repeats} runs")
     for bug in EXACT.MUTANTS:
         found = sum(
-            any(min(EXACT.acceptance_pvalues(EXACT._mutant(bug), *c, n=4000, seed=seed)) < EXACT.ALPHA for c in MUTANT_CASES)
+            any(
+                min(EXACT.acceptance_pvalues(EXACT._mutant(bug), *c, n=4000, seed=seed)) < EXACT.ALPHA
+                for c in MUTANT_CASES
+            )
             for seed in range(1, repeats + 1)
         )
         print(f"- {bug}: detected in {found}/{repeats} runs")
@@ -57,11 +62,11 @@ def e2e_rates(repeats: int) -> None:
     for bug in (None, *EXACT.MUTANTS):
         sampling.speculative_accept = original if bug is None else EXACT._mutant(bug)
         rejected = 0
+        settings = E2E.SETTINGS["clasp"] if bug is None else E2E.POOR_DRAFT
+        cfg = GenerationConfig(max_new_tokens=E2E.STEPS, **settings)
         for rep in range(repeats):
-            for name, settings in ((("clasp", E2E.SETTINGS["clasp"]),) if bug is None else (("poor", E2E.POOR_DRAFT),)):
-                cfg = GenerationConfig(max_new_tokens=E2E.STEPS, **settings)
-                samples, *_ = E2E.sample(model, cfg, E2E.N_SAMPLES, "speculative", first_seed=(rep + 1) * 100_000)
-                rejected += E2E.pvalue(model, cfg, samples) < EXACT.ALPHA
+            samples, *_ = E2E.sample(model, cfg, E2E.N_SAMPLES, "speculative", first_seed=(rep + 1) * 100_000)
+            rejected += E2E.pvalue(model, cfg, samples) < EXACT.ALPHA
         what = "correct code (clasp setting): false alarms" if bug is None else f"{bug} (poor-draft setting): detected"
         print(f"- {what} in {rejected}/{repeats} runs", flush=True)
     sampling.speculative_accept = original
