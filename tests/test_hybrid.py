@@ -227,15 +227,22 @@ def test_every_mode_switch_keeps_greedy_output(arch, monkeypatch):
 
 
 class SlowVerifyRunner:
-    """A runner whose calls take ``base`` seconds per row (a draft step its share of the layers), compute
-    included: a machine where verifying ``k`` drafts costs ``k + 1`` plain steps, as bf16 on CPUs without
-    AMX nearly does."""
+    """A runner whose calls take ``base`` seconds per row (a draft step its share of the layers, a DP
+    candidate call its one layer), compute included: a machine where verifying ``k`` drafts costs ``k + 1``
+    plain steps, as bf16 on CPUs without AMX nearly does. ``spent`` adds up the simulated seconds, the
+    machine's time without the host's noise."""
 
     def __init__(self, runner, base: float) -> None:
-        self._runner, self.base = runner, base
+        self._runner, self.base, self.spent = runner, base, 0.0
 
     def __getattr__(self, name):
         return getattr(self._runner, name)
+
+    def _charge(self, t0: float, seconds: float) -> None:
+        import time
+
+        self.spent += seconds
+        time.sleep(max(0.0, seconds - (time.perf_counter() - t0)))
 
     def forward(self, cache, tokens, start, **kw):
         import time
@@ -244,20 +251,28 @@ class SlowVerifyRunner:
         out = self._runner.forward(cache, tokens, start, **kw)
         layers = kw.get("layers")
         share = 1.0 if layers is None else len(layers) / self._runner.num_layers
-        time.sleep(max(0.0, self.base * tokens.shape[-1] * share - (time.perf_counter() - t0)))
+        self._charge(t0, self.base * tokens.shape[-1] * share)
+        return out
+
+    def layer_candidates(self, cache, index, states, position, module=None):
+        import time
+
+        t0 = time.perf_counter()
+        out = self._runner.layer_candidates(cache, index, states, position, module)
+        self._charge(t0, self.base * states.shape[0] / self._runner.num_layers)
         return out
 
 
 def test_where_verification_costs_k_steps_the_default_decodes_plainly():
-    """The default method measures the costs, sees that no draft can pay, neither drafts nor probes, and
-    stays within 3% of plain decoding's time."""
+    """The default method measures the costs, sees that no draft can pay, decodes plainly, and stays
+    within 3% of plain decoding's time on the simulated machine."""
     from clasp_decoding.runner import ModelRunner
     from clasp_decoding.state import ModelState
 
     model = tiny_model("llama", seed=3)
-    slow = SlowVerifyRunner(ModelRunner(model), base=0.02)
+    slow = SlowVerifyRunner(ModelRunner(model), base=0.04)
     state = ModelState(slow)
-    prompt = random_prompt(31, 6) * 4  # repeats: prompt lookup finds matches all the time
+    prompt = random_prompt(31, 6) * 2  # a repeat: prompt lookup finds matches all the time
 
     def run(method: str):
         from clasp_decoding.decoding import Generation
@@ -265,12 +280,18 @@ def test_where_verification_costs_k_steps_the_default_decodes_plainly():
 
         cfg = GenerationConfig(max_new_tokens=40, method=method)
         gen = Generation(slow, prompt, cfg, make_drafter(cfg), model=state)
-        return gen.run()
+        slow.spent = 0.0
+        result = gen.run()
+        return result, slow.spent
 
     run("hybrid")  # the first generation measures the costs (once per model)
-    hybrid, plain = run("hybrid"), run("ar")
+    (hybrid, hybrid_spent), (plain, plain_spent) = run("hybrid"), run("ar")
     assert hybrid.stats.modes.count("plain") >= 0.9 * len(hybrid.stats.modes), hybrid.stats.modes
     assert hybrid.token_ids == plain.token_ids
     costs = state.learned["costs"].verify
     assert costs[2] > 2.5 * costs[0]  # the measurement saw the simulated machine
-    assert hybrid.stats.time_total <= 1.03 * plain.stats.time_total, (hybrid.stats.time_total, plain.stats.time_total)
+    # The promise, on the simulated machine's clock: within 3% of plain decoding.
+    assert hybrid_spent <= 1.03 * plain_spent, (hybrid_spent, plain_spent)
+    # On the host's clock too, with room for the noise of a loaded CI machine (a draft-and-verify habit
+    # here would cost 1.5x and more).
+    assert hybrid.stats.time_total <= 1.15 * plain.stats.time_total, (hybrid.stats.time_total, plain.stats.time_total)
