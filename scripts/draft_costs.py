@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,20 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from clasp_decoding import GenerationConfig, load  # noqa: E402
 from clasp_decoding.bench.run import machine_info  # noqa: E402
 from clasp_decoding.context import model_state  # noqa: E402
-from clasp_decoding.costs import dtype_timings  # noqa: E402
+from clasp_decoding.costs import dtype_timings, median_seconds  # noqa: E402
 from clasp_decoding.draft_head import VocabSubset  # noqa: E402
 from clasp_decoding.kv_cache import KVCache  # noqa: E402
 from clasp_decoding.quant import draft_modules, extra_bytes  # noqa: E402
-
-
-def median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -72,7 +61,7 @@ def main() -> None:
             logits, _ = runner.forward(cache, x, n, **kw)
             logits.argmax(-1).tolist()
 
-        return median_ms(call)
+        return 1000 * median_seconds(call, repeats=7)
 
     full = step(last_only=True)
     print(f"\n| what | ms | x full step |\n| --- | --- | --- |\n| full step (1 token) | {full:.1f} | 1.00 |")

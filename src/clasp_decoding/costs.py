@@ -20,7 +20,8 @@ PROBE_SHAPE = (2048, 5632)
 """A linear layer of a ~1B model's MLP: big enough to be bound by reading the weights, as decoding is."""
 
 
-def _median_seconds(fn, repeats: int = 3) -> float:
+def median_seconds(fn, repeats: int = 3) -> float:
+    """The median wall time of ``repeats`` calls of ``fn``, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -114,7 +115,7 @@ def _measure(runner, cache, table: CostTable, context: int, longest: int, num_sk
             logits, _ = runner.forward(cache, x, context, **kw)
             logits.argmax(-1).tolist()  # the host sync every verification ends with
 
-        return _median_seconds(call, repeats=2)
+        return median_seconds(call, repeats=2)
 
     for k in LADDER:
         if k > longest:
