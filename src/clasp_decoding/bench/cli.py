@@ -49,7 +49,9 @@ def fidelity_reference(methods, a: argparse.Namespace) -> str | None:
     """What every method's text must equal: greedy, the baseline's; seeded sampling, plain decoding's
     through the engine (``ar``: position-keyed sampling gives every method that very text; ``hf`` draws
     its own random numbers and cannot); unseeded sampling, nothing."""
-    if a.temperature < 1e-5:
+    from ..sampling import GREEDY_BELOW
+
+    if a.temperature < GREEDY_BELOW:
         return a.baseline
     if a.seed is None:
         return None
