@@ -29,7 +29,7 @@ from clasp_decoding.draft_head import VocabSubset  # noqa: E402
 from clasp_decoding.kv_cache import KVCache  # noqa: E402
 from clasp_decoding.layer_select import clasp_dp  # noqa: E402
 from clasp_decoding.noise import race  # noqa: E402
-from clasp_decoding.quant import draft_modules, resolve  # noqa: E402
+from clasp_decoding.quant import draft_modules, resolve, sample_layer  # noqa: E402
 from clasp_decoding.sampling import SamplingParams, warp  # noqa: E402
 from clasp_decoding.text import encode_prompt  # noqa: E402
 
@@ -47,7 +47,7 @@ def main() -> None:
     runner = state.runner
     cfg = GenerationConfig()
     m = cfg.num_skipped(runner.num_layers)
-    quant = resolve(cfg.draft_quant, runner.device)
+    quant = resolve(cfg.draft_quant, runner.device, sample_layer(runner))
     modules, head = (
         draft_modules(state, quant, VocabSubset(runner.head, cfg.draft_vocab)) if quant != "none" else (None, None)
     )

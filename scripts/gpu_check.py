@@ -1,21 +1,28 @@
 #!/usr/bin/env python
-"""One prepared check for a GPU machine (no checkpoint reaches it, so models are random, built from configs).
+"""The one prepared check for a GPU machine (no checkpoint reaches it: models are random, built from
+configs). Each check runs in its own ``try``, so one failure never hides the others; the whole run takes
+under 4 minutes on one H100/H200-class card.
 
-1. Exactness: a tiny fp32 model, greedy CLaSp through the graph runner (CUDA graphs) against
-   ``transformers``' greedy generate (reported as a count: the graph runner attends batched, so exact
-   equality is expected but not guaranteed at near-ties).
-2. Split placement: the same tiny model with half its layers on the GPU and half on the CPU (the eager
-   runner, ``device_map``), greedy CLaSp against ``generate``.
-3. Timing, LLaMA-3-8B shape, bf16, batch 1, ~1k context: ms per full step, per draft step with 50% of
-   layers skipped (plain and with int8 / int4 draft weights), per verification of 8 tokens, per DP run,
-   per plain token through the graph runner and through ``transformers``' static-cache compiled
-   ``generate``, next to the card's name and the weight-bandwidth bound.
-4. Depth: 80 layers at LLaMA-3-8B width (about 17B parameters, ~37 GB in bf16), the DP at 40 skipped
-   layers (candidate calls in chunks) and a draft step at 40 kept layers.
+1. **Exactness**: a tiny fp32 model, greedy ``clasp`` and ``hybrid`` through the graph runner (captured
+   CUDA graphs) against ``transformers``' greedy ``generate`` on an untouched copy (a count: the graph
+   runner attends batched, so equality is expected but not guaranteed at near-ties).
+2. **Split placement**: the tiny model with half its layers on the GPU and half on the CPU through
+   ``accelerate``'s ``device_map`` (the eager runner), greedy ``hybrid`` against ``generate`` placed alike.
+3. **LLaMA-3-8B shape** (32 layers, bf16, batch 1): per-call costs (full step, draft step at 50% of layers
+   skipped, plain / int8 / int4 draft weights, verification of 8, a DP run), then every method and both
+   baselines on an untouched copy: eager ``generate`` (dynamic cache) and static-cache ``generate``
+   (compiled by ``transformers``), each warmed with the configuration it is timed with; prefill and
+   decode timed apart; mean accepted tokens and acceptance (draft-exit threshold 0: a random model's
+   drafts are never confident, and would otherwise all be one token long).
+4. **80 layers** at the same width (~17B parameters): the DP at 40 skipped layers (candidate calls in
+   chunks), a draft step, and ``clasp`` end to end.
 
-Usage:  python scripts/gpu_check.py            (on a GPU machine; about 3-4 minutes)
-        python scripts/gpu_check.py --dry-run  (anywhere: tiny configs, capture off; checks the script)
-Writes a JSON copy of the table to $OUT/gpu_check.json when OUT is set.
+Writes ``gpu_check.md`` (the tables, with the card's name) and ``gpu_check.json`` to ``$OUT`` (or the
+current folder), and prints the markdown.
+
+Usage:  python scripts/gpu_check.py            (on a GPU machine)
+        python scripts/gpu_check.py --dry-run  (anywhere: tiny widths on the CPU, graphs captured through
+                                                the CPU stand-in; CI runs it)
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -34,19 +42,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from clasp_decoding import GenerationConfig  # noqa: E402
 from clasp_decoding.api import generation  # noqa: E402
-from clasp_decoding.context import model_state, use_graphs  # noqa: E402
+from clasp_decoding.context import model_state, runner_for, use_graphs  # noqa: E402
 from clasp_decoding.layer_select import clasp_dp, every_other_middle  # noqa: E402
-from clasp_decoding.quant import draft_modules, fused_available  # noqa: E402
+from clasp_decoding.quant import draft_modules  # noqa: E402
 
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM parts
 
 
-def llama_config(dry: bool, layers: int = 32):
+class Run:
+    """What every check needs: the device, whether this is a dry run, the sizes to use."""
+
+    def __init__(self, dry: bool) -> None:
+        self.dry = dry
+        self.device = torch.device("cpu" if dry else "cuda")
+        self.new_tokens = 12 if dry else 64
+        self.context = 48 if dry else 512
+        self.card = "CPU (dry run, CUDA graphs through the CPU stand-in)" if dry else torch.cuda.get_device_name(0)
+
+
+def llama_config(run: Run, layers: int = 32):
     from transformers import LlamaConfig
 
-    if dry:
+    if run.dry:
         return LlamaConfig(
-            vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+            vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=min(layers, 8 if layers <= 32 else 12),
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         )  # fmt: skip
     return LlamaConfig(
@@ -55,20 +74,31 @@ def llama_config(dry: bool, layers: int = 32):
     )  # fmt: skip
 
 
-def build(config, dtype, device):
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+
+
+def build(config, dtype, device, seed: int = 0):
+    """A random model; the same seed gives the same weights (a second build is an untouched copy)."""
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
-def sync(device):
+def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeat=20, warm=3) -> float:
+def timed(fn, device, repeat: int = 20, warm: int = 3) -> float:
     """Median milliseconds of ``fn``."""
     for _ in range(warm):
         fn()
@@ -82,190 +112,292 @@ def timed(fn, device, repeat=20, warm=3) -> float:
     return statistics.median(times)
 
 
-def tokens(model, prompt, cfg) -> list[int]:
-    return generation(model, None, prompt, cfg).run().token_ids
+def prompt_of(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def tiny(device):
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512,
+@torch.inference_mode()
+def hf_tokens(model, prompt: list[int], n: int, static: bool = False) -> list[int]:
+    ids = torch.tensor([prompt], device=model.device)
+    kw = dict(cache_implementation="static") if static else {}
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        eos_token_id=None, pad_token_id=0, top_k=None, top_p=None, temperature=None, **kw,
     )  # fmt: skip
-    torch.manual_seed(0)
-    return build(config, torch.float32, device)
-
-
-def reference(model, prompt, device) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt], device=device), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
     return out[0, len(prompt) :].tolist()
 
 
-def check_tiny(device, capture) -> dict:
-    model = tiny(device)
-    use_graphs(model, capacity=256, capture=capture)
-    cfg = GenerationConfig(max_new_tokens=32, method="clasp", num_skip=2, draft_exit_threshold=0.0)
-    same = 0
-    for seed in range(4):
-        prompt = torch.randint(3, 97, (8 + 3 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
-        same += tokens(model, prompt, cfg) == reference(model, prompt, device)
-    return {"tiny_fp32_graph_identical": f"{same}/4"}
+# ----------------------------------------------------------------------------- 1. exactness
 
 
-def check_split(device) -> dict:
-    """Layers 0-2 on ``device``, 3-5 and the head on the CPU (or a dry run's stand-in device object)."""
-    model = tiny("cpu")
-    if device.type == "cuda":
-        for layer in model.model.layers[:3]:
-            layer.to(device)
-        model.model.embed_tokens.to(device)
-        model.model.rotary_emb.to(device)
+def check_tiny(run: Run) -> list[dict]:
+    model = build(tiny_config(), torch.float32, run.device)
+    plain = build(tiny_config(), torch.float32, run.device)  # untouched: transformers' generate
+    use_graphs(model, capacity=256)
+    rows = []
+    for method in ("clasp", "hybrid"):
+        cfg = GenerationConfig(max_new_tokens=32, method=method, num_skip=2, draft_exit_threshold=0.0)
+        same = 0
+        for seed in range(4):
+            prompt = prompt_of(8 + 3 * seed, 97, seed)
+            same += generation(model, None, prompt, cfg).run().token_ids == hf_tokens(plain, prompt, 32)
+        rows.append(
+            {"check": f"tiny fp32, greedy `{method}` through captured graphs = `generate`", "result": f"{same}/4"}
+        )
+    rows.append({"check": "graphs captured inside a round", "result": str(runner_for(model).late_captures)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. split placement
+
+
+def check_split(run: Run) -> list[dict]:
+    """Layers 0-2 (and the embedding) on the GPU, 3-5, the norm and the head on the CPU."""
+    from accelerate import dispatch_model
+
+    def placed(seed_model):
+        if run.dry:
+            return seed_model
+        gpu, cpu = 0, "cpu"
+        device_map = {"model.embed_tokens": gpu, "model.rotary_emb": gpu, "model.norm": cpu, "lm_head": cpu}
+        device_map.update({f"model.layers.{i}": (gpu if i < 3 else cpu) for i in range(6)})
+        return dispatch_model(seed_model, device_map=device_map)
+
+    model = placed(build(tiny_config(), torch.float32, "cpu"))
+    plain = placed(build(tiny_config(), torch.float32, "cpu"))
     state = model_state(model)
-    if device.type != "cuda":  # dry run: declare the first half on a distinct (no-op) device object
+    if run.dry:  # one device here: declare the first half on a distinct (no-op) device object
         state.runner.layer_devices = [torch.device("cpu", 0)] * 3 + [torch.device("cpu")] * 3
         state.runner.single_device = False
     cfg = GenerationConfig(max_new_tokens=32, method="hybrid", num_skip=2, draft_exit_threshold=0.0)
     same = 0
     for seed in range(3):
-        prompt = torch.randint(3, 97, (9 + 2 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
-        same += tokens(model, prompt, cfg) == reference(model, prompt, "cpu")
-    return {
-        "split_gpu_cpu_identical": f"{same}/3",
-        "split_devices": sorted({str(d) for d in state.runner.layer_devices}),
-    }
+        prompt = prompt_of(9 + 2 * seed, 97, seed)
+        same += generation(model, None, prompt, cfg).run().token_ids == hf_tokens(plain, prompt, 32)
+    return [
+        {"check": "split placement (device_map), greedy `hybrid` = `generate`", "result": f"{same}/3"},
+        {"check": "runner for the split model", "result": f"{type(state.runner).__name__} on "
+         f"{', '.join(sorted({str(d) for d in state.runner.layer_devices}))}"},
+    ]  # fmt: skip
 
 
-def step_timings(runner, device, context: int, num_skip: int, state) -> dict:
+# ----------------------------------------------------------------------------- 3. and 4. timings
+
+
+def call_costs(run: Run, state, num_skip: int) -> list[dict]:
+    """Per-call milliseconds through the runner, as a generation calls it."""
+    runner = state.runner
     L = runner.num_layers
-    cache = runner.new_cache(context, 64)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, runner.vocab_size, (context,), generator=g).to(device)
-    t0 = time.perf_counter()
-    runner.forward(cache, prompt, 0, last_only=True)
-    sync(device)
-    prefill = (time.perf_counter() - t0) * 1000
-    cache.rollback(context)
-    one, eight = torch.tensor([5], device=device), torch.arange(8, device=device)
-    keep = [i for i in range(L) if i not in set(every_other_middle(L, num_skip))]
-    out = {"prefill_ms": round(prefill, 1)}
-    out["full_step_ms"] = full = timed(lambda: runner.forward(cache, one, context, last_only=True), device)
-    out["draft_step_ms"] = timed(lambda: runner.forward(cache, one, context, layers=keep, last_only=True), device)
-    for quant in ("int8", "int4"):
-        modules, head = draft_modules(state, quant, None)
-        ms = timed(
-            lambda m=modules, h=head: runner.forward(
-                cache, one, context, layers=keep, last_only=True, vocab=h, modules=m
-            ),
-            device,
+    cache = runner.new_cache(run.context, 64)
+    try:
+        prompt = torch.tensor(prompt_of(run.context, runner.vocab_size), device=run.device)
+        runner.forward(cache, prompt, 0, last_only=True)
+        cache.rollback(run.context)
+        one, eight = torch.tensor([5], device=run.device), torch.arange(8, device=run.device)
+        keep = [i for i in range(L) if i not in set(every_other_middle(L, num_skip))]
+        full = timed(lambda: runner.forward(cache, one, run.context, last_only=True), run.device)
+        rows = [{"call": "full step (1 token)", "ms": full}]
+        rows.append({
+            "call": f"draft step, {num_skip} of {L} layers skipped",
+            "ms": timed(lambda: runner.forward(cache, one, run.context, layers=keep, last_only=True), run.device),
+        })  # fmt: skip
+        for quant in ("int8", "int4"):
+            modules, head = draft_modules(state, quant, None)
+            runner.prepare(modules)
+            rows.append({
+                "call": f"draft step, {quant} draft weights",
+                "ms": timed(lambda m=modules, h=head: runner.forward(
+                    cache, one, run.context, layers=keep, last_only=True, vocab=h, modules=m), run.device),
+            })  # fmt: skip
+        rows.append(
+            {
+                "call": "verification of 8 tokens",
+                "ms": timed(lambda: runner.forward(cache, eight, run.context), run.device),
+            }
         )
-        out[f"draft_step_{quant}_ms"] = ms
-        out[f"{quant}_fused_kernel"] = fused_available(quant, device.type)
-    out["verify_8_ms"] = timed(lambda: runner.forward(cache, eight, context), device)
-    _, hidden = runner.forward(cache, one, context, last_only=True, collect_hidden=True)
-    out["dp_run_ms"] = timed(
-        lambda: clasp_dp(hidden[:, 0], num_skip, lambda i, s: runner.layer_candidates(cache, i - 1, s, context)),
-        device,
-        5,
-        1,
-    )
-    runner.release_cache(cache)
-    out["ratios"] = {
-        k.removesuffix("_ms") + "/full": round(v / full, 3)
-        for k, v in out.items()
-        if k.endswith("_ms") and k != "full_step_ms" and k != "prefill_ms"
+        _, hidden = runner.forward(cache, one, run.context, last_only=True, collect_hidden=True)
+        rows.append({
+            "call": f"layer selection (DP, {num_skip} skipped)",
+            "ms": timed(lambda: clasp_dp(hidden[:, 0], num_skip,
+                                         lambda i, s: runner.layer_candidates(cache, i - 1, s, run.context)),
+                        run.device, 5, 1),
+        })  # fmt: skip
+    finally:
+        runner.release_cache(cache)
+    for r in rows:
+        r["of a full step"] = round(r["ms"] / full, 3)
+        r["ms"] = round(r["ms"], 3)
+    return rows
+
+
+def ours(model, prompt: list[int], cfg: GenerationConfig) -> dict:
+    """One warmed generation: prefill and decode apart, accepted tokens."""
+    generation(model, None, prompt, cfg).run()  # warm-up with this very configuration
+    result = generation(model, None, prompt, cfg).run()
+    st = result.stats
+    decode = (st.time_total - st.time_prefill) * 1000 / max(1, st.new_tokens - 1)
+    return {
+        "prefill ms": round(st.time_prefill * 1000, 1),
+        "decode ms/token": round(decode, 3),
+        "mean accepted tokens": round(st.mean_accepted_tokens, 2),
+        "acceptance": f"{st.acceptance_rate:.0%}" if st.drafted else "n/a",
     }
-    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def check_big(device, dry, capture, compile_layers, skip_hf) -> dict:
-    config = llama_config(dry)
-    torch.manual_seed(0)
-    model = build(config, torch.bfloat16, device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    context = 256 if dry else 1024
-    state = use_graphs(model, capacity=context + 512, capture=capture, compile_layers=compile_layers)
-    out = step_timings(state.runner, device, context, config.num_hidden_layers // 2, state)
-    prompt = torch.randint(0, config.vocab_size, (context,)).tolist()
-    n_new = 16 if dry else 64
-    cfg = GenerationConfig(max_new_tokens=n_new, method="ar")
-    tokens(model, prompt, cfg.updated(max_new_tokens=4))
-    for method in ("ar", "clasp"):
+def baseline(model, prompt: list[int], n: int, static: bool, device) -> dict:
+    """``generate`` warmed with the ``max_new_tokens`` it is timed with; prefill from a one-token run."""
+    hf_tokens(model, prompt, n, static)
+    hf_tokens(model, prompt, 1, static)
+
+    def seconds(k: int) -> float:
         sync(device)
         t0 = time.perf_counter()
-        got = tokens(model, prompt, cfg.updated(method=method, skip_ratio=0.5))
+        hf_tokens(model, prompt, k, static)
         sync(device)
-        out[f"{method}_ms_per_token"] = round((time.perf_counter() - t0) * 1000 / len(got), 3)
-    if not skip_hf:
-        ids = torch.tensor([prompt], device=device)
-        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
-        with torch.inference_mode():
-            model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # compiles
-            sync(device)
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
-            sync(device)
-        out["hf_static_compiled_ms_per_token"] = round((time.perf_counter() - t0) * 1000 / n_new, 3)
-    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (dry run)"
-    bw = next((v for k, v in PEAK_BANDWIDTH.items() if k in card), None)
-    out["bandwidth_bound_ms"] = round(weight_bytes / bw * 1000, 3) if bw else None
-    del model, state
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        return time.perf_counter() - t0
+
+    first, total = seconds(1), seconds(n)
     return {
-        "card": card,
-        "model": "LLaMA-3-8B shape" if not dry else "tiny LLaMA shape (dry run)",
-        "dtype": "bf16",
-        "context": context,
-        **out,
+        "prefill ms": round(first * 1000, 1),
+        "decode ms/token": round((total - first) * 1000 / (n - 1), 3),
+        "mean accepted tokens": 1.0,
+        "acceptance": "n/a",
     }
 
 
-def check_deep(device, dry, capture) -> dict:
-    """80 layers at LLaMA-3-8B width: the DP at 40 skipped layers sends up to 40 candidates per layer."""
-    config = llama_config(dry, layers=80)
+def method_table(run: Run, model, plain, layers: int, skip_hf: bool, methods=None) -> list[dict]:
+    vocab = model.config.vocab_size
+    prompt = prompt_of(run.context, vocab, 1)
+    n = run.new_tokens
+    half = layers // 2
+    base = GenerationConfig(max_new_tokens=n, num_skip=half, draft_exit_threshold=0.0)
+    rows = []
+    if not skip_hf:
+        rows.append({"method": "`generate`, eager (dynamic cache)", **baseline(plain, prompt, n, False, run.device)})
+        rows.append({"method": "`generate`, static cache (compiled)", **baseline(plain, prompt, n, True, run.device)})
+    configs = methods or {
+        "`ar` (graphs)": base.updated(method="ar"),
+        f"`clasp`, {half} skipped": base.updated(method="clasp", draft_quant="none"),
+        f"`clasp`, {half} skipped, int8 draft": base.updated(method="clasp", draft_quant="int8"),
+        f"`clasp`, {half} skipped, int4 draft": base.updated(method="clasp", draft_quant="int4"),
+        "`static`, every other middle layer": base.updated(
+            method="static", skip_layers=every_other_middle(layers, half), draft_quant="none"
+        ),
+        "`hybrid`": base.updated(method="hybrid"),
+    }
+    for label, cfg in configs.items():
+        rows.append({"method": label, **ours(model, prompt, cfg)})
+    best = min((r["decode ms/token"] for r in rows if r["method"].startswith("`generate`")), default=None)
+    for r in rows:
+        r["decode speedup vs best `generate`"] = f"{best / r['decode ms/token']:.2f}x" if best else "n/a"
+    return rows
+
+
+def check_big(run: Run, skip_hf: bool) -> list[dict]:
+    config = llama_config(run)
+    model = build(config, torch.bfloat16, run.device)
+    plain = None if skip_hf else build(config, torch.bfloat16, run.device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = use_graphs(model, capacity=run.context + 256)
+    rows = call_costs(run, state, config.num_hidden_layers // 2)
+    table = method_table(run, model, plain, config.num_hidden_layers, skip_hf)
+    bw = next((v for k, v in PEAK_BANDWIDTH.items() if k in run.card), None)
+    notes = [
+        f"graphs captured inside a round: {state.runner.late_captures}",
+        f"weight-bandwidth bound: {weight_bytes / bw * 1000:.2f} ms/token" if bw else "weight-bandwidth bound: n/a",
+    ]
+    del model, plain, state
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [{"costs": rows, "methods": table, "notes": notes}]
+
+
+def check_deep(run: Run) -> list[dict]:
+    config = llama_config(run, layers=80)
     t0 = time.perf_counter()
-    model = build(config, torch.bfloat16, device)
+    model = build(config, torch.bfloat16, run.device)
     built = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
-    state = use_graphs(model, capacity=1024, capture=capture)
-    timings = step_timings(state.runner, device, 256 if dry else 512, config.num_hidden_layers // 2, state)
+    state = use_graphs(model, capacity=run.context + 256)
+    half = config.num_hidden_layers // 2
+    rows = call_costs(run, state, half)
+    cfg = GenerationConfig(max_new_tokens=run.new_tokens, method="clasp", num_skip=half, draft_exit_threshold=0.0)
+    table = method_table(run, model, None, config.num_hidden_layers, True, {f"`clasp`, {half} skipped": cfg})
+    notes = [f"{config.num_hidden_layers} layers, {params / 1e9:.1f}B parameters, built in {built:.1f} s",
+             f"graphs captured inside a round: {state.runner.late_captures}"]  # fmt: skip
     del model, state
-    if device.type == "cuda":
+    if run.device.type == "cuda":
         torch.cuda.empty_cache()
-    return {
-        "deep_layers": config.num_hidden_layers,
-        "deep_params_b": round(params / 1e9, 2),
-        "deep_build_s": round(built, 1),
-        "deep": timings,
-    }
+    return [{"costs": rows, "methods": table, "notes": notes}]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
+    out += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return out
+
+
+def report(run: Run, results: list[tuple[str, str, list[dict], float]]) -> str:
+    lines = [
+        f"# GPU check: {run.card}",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
+        f"{run.context}-token prompt, {run.new_tokens} new tokens, greedy, random weights (bf16 for timings)",
+    ]
+    for name, status, rows, seconds in results:
+        lines += ["", f"## {name} ({status}, {seconds:.0f} s)", ""]
+        if rows and "costs" in rows[0]:
+            r = rows[0]
+            lines += ["Per call:", "", *markdown_table(r["costs"]), "", "End to end:", ""]
+            lines += [*markdown_table(r["methods"]), "", *[f"- {n}" for n in r["notes"]]]
+        else:
+            lines += markdown_table(rows)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true", help="tiny configs, no CUDA graphs: check the script anywhere")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each layer before capture (slower start)")
-    ap.add_argument("--skip-hf", action="store_true", help="skip transformers' compiled generate (saves its compile)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny widths on the CPU, graphs through the stand-in")
+    ap.add_argument("--skip-hf", action="store_true", help="skip transformers' baselines (saves the compile)")
     ap.add_argument("--skip-deep", action="store_true", help="skip the 80-layer model")
     a = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not a.dry_run else "cpu")
-    capture = device.type == "cuda"
-    dry = a.dry_run or device.type != "cuda"
-    t0 = time.perf_counter()
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
-    out.update(check_tiny(device, capture))
-    out.update(check_split(device))
-    out.update(check_big(device, dry, capture, a.compile, a.skip_hf))
+    dry = a.dry_run or not torch.cuda.is_available()
+    if dry:
+        os.environ["CLASP_EMULATE_CUDA_GRAPHS"] = "1"  # the graph runner captures through the CPU stand-in
+    run = Run(dry)
+    checks = [
+        ("1. Exactness through captured graphs", lambda: check_tiny(run)),
+        ("2. Split placement", lambda: check_split(run)),
+        ("3. LLaMA-3-8B shape, 32 layers" if not dry else "3. LLaMA shape (tiny width), 8 layers",
+         lambda: check_big(run, a.skip_hf)),
+    ]  # fmt: skip
     if not a.skip_deep:
-        out.update(check_deep(device, dry, capture))
-    out["total_s"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(out, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(out, indent=1))
-    return 0 if out["split_gpu_cpu_identical"] == "3/3" else 1
+        checks.append(("4. 80 layers" if not dry else "4. Deep (tiny width), 12 layers", lambda: check_deep(run)))
+    results, failed = [], 0
+    for name, fn in checks:
+        t0 = time.perf_counter()
+        try:
+            rows, status = fn(), "ok"
+        except Exception as e:  # one failure never hides the other checks
+            traceback.print_exc()
+            rows, status = [], f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            failed += 1
+        results.append((name, status, rows, time.perf_counter() - t0))
+        print(f"{name}: {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    text = report(run, results)
+    out = Path(os.environ.get("OUT", "."))
+    (out / "gpu_check.md").write_text(text)
+    (out / "gpu_check.json").write_text(
+        json.dumps([{"check": n, "status": s, "rows": r} for n, s, r, _ in results], indent=1)
+    )
+    print(text)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -66,18 +66,27 @@ def tiny_model(
     return model.to(dtype).eval()
 
 
-def run_tokens(target, prompt, cfg, eos=(), chunks=None, sampler_mode=None):
+def run_tokens(target, prompt, cfg, eos=(), chunks=None, sampler_mode=None, tokenizer=None):
     """Generate with the project's loop on a model (through its registry) or a runner; return the new
-    tokens and the finished :class:`~clasp_decoding.decoding.Generation` (its ``stats`` and ``state``)."""
+    tokens and the finished :class:`~clasp_decoding.decoding.Generation` (its ``stats`` and ``state``).
+    With a ``tokenizer``, text is decoded and ``cfg.stop`` strings apply."""
     from clasp_decoding.context import model_state
     from clasp_decoding.decoding import Generation
     from clasp_decoding.drafting.registry import make_drafter
     from clasp_decoding.runner import ModelRunner
     from clasp_decoding.state import ModelState
+    from clasp_decoding.text import IncrementalDecoder
 
     state = ModelState(target) if isinstance(target, ModelRunner) else model_state(target)
     gen = Generation(
-        state.runner, prompt, cfg, make_drafter(cfg), model=state, eos_ids=frozenset(eos), sampler_mode=sampler_mode
+        state.runner,
+        prompt,
+        cfg,
+        make_drafter(cfg),
+        model=state,
+        eos_ids=frozenset(eos),
+        sampler_mode=sampler_mode,
+        detokenizer=IncrementalDecoder(tokenizer, cfg.stop) if tokenizer is not None else None,
     )
     out = []
     for chunk in gen:

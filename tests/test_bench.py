@@ -45,7 +45,7 @@ def test_spec_bench_arithmetic():
         rec("hf", 2, "qa", 0, 10, 2.0),
         rec("m", 2, "qa", 0, 10, 1.0, steps=5, drafted=8, accepted=5),
     ]
-    s = summarize(rows, "hf", "hf")
+    s = summarize(rows, "hf", {"exact": "hf", "generate": None})
     m = s["methods"]["m"]
     # Per question tokens/s over all turns; speedup = mean over questions / the baseline's mean.
     assert m["overall"]["tokens_per_second"] == pytest.approx((20 + 10) / 2)
@@ -64,7 +64,7 @@ def test_repeats_give_a_spread_and_failures_are_reported():
     for rep, secs in ((0, 1.0), (1, 0.5)):
         rows += [rec("hf", 1, "qa", 0, 10, 1.0, repeat=rep), rec("m", 1, "qa", 0, 10, secs, repeat=rep)]
     rows.append(rec("m", 2, "qa", 0, 0, 0.0, status="failed"))
-    s = summarize(rows, "hf", "hf")
+    s = summarize(rows, "hf", {"exact": "hf", "generate": None})
     o = s["methods"]["m"]["overall"]
     assert o["speedup"] == pytest.approx(1.5) and o["speedup_min"] == 1.0 and o["speedup_max"] == 2.0
     assert s["failed"]["m"][0]["question_id"] == 2
@@ -80,13 +80,13 @@ def test_fidelity_checker_catches_a_planted_divergence():
         rec("bad", 1, "qa", 0, 6, 1.0, ids=base[:3] + [9, 9, 9]),
         rec("bad", 2, "rag", 0, 6, 1.0, ids=list(base)),
     ]
-    s = summarize(rows, "hf", "hf")
+    s = summarize(rows, "hf", {"exact": "hf", "generate": None})
     assert s["methods"]["good"]["overall"]["match_rate"] == 1.0 and not s["mismatches"]["good"]
     assert s["methods"]["bad"]["overall"]["match_rate"] == 0.5
     assert s["methods"]["bad"]["tasks"]["qa"]["match_rate"] == 0.0
     assert s["mismatches"]["bad"] == [{"question_id": "1", "task": "qa", "turn": 0, "position": 3}]
     assert first_divergence([1, 2], [1, 2, 3]) == 2 and first_divergence([1], [1]) is None
-    sampled = summarize(rows, "hf", None)
+    sampled = summarize(rows, "hf", {"exact": None, "generate": None})
     assert sampled["methods"]["bad"]["overall"]["match_rate"] is None  # not applicable
 
 
@@ -184,8 +184,10 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model_dir, capsys):
     rows = read_records(out)
     assert len(rows) == 5 * 7  # 5 methods x (5 one-turn questions + 1 two-turn question)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["references"] == {"exact": "ar", "generate": "hf"}
     for method in ("ar", "clasp[num_skip=2]", "pld", "hybrid"):
         assert summary["methods"][method]["overall"]["match_rate"] == 1.0
+        assert 0.0 <= summary["methods"][method]["overall"]["generate_rate"] <= 1.0
         assert set(summary["methods"][method]["tasks"]) == {
             "mt_bench",
             "translation",
@@ -212,7 +214,7 @@ def test_seeded_sampling_run_checks_every_text_against_plain_decoding(tmp_path, 
     args += ["--temperature", "0.8", "--seed", "3", "--out", str(out), "--no-plots"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["reference"] == "ar"
+    assert summary["references"] == {"exact": "ar", "generate": None}  # generate samples its own way
     for method in ("ar", "clasp", "pld", "hybrid"):
         assert summary["methods"][method]["overall"]["match_rate"] == 1.0, method
     assert "same as `ar`" in (out / "summary.md").read_text()

@@ -55,7 +55,12 @@ SUPPORTED = {
     "qwen2_moe": {"num_experts": 4, "shared_expert_intermediate_size": 32, **MOE},
     "qwen3_moe": {"num_experts": 4, "head_dim": 16, **MOE},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0, "logits_scaling": 1.5},
+    "granitemoe": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "embedding_multiplier": 2.0,
+        "logits_scaling": 1.5,
+    },
     "helium": {"head_dim": 16},
     "exaone4": {"head_dim": 16},
     "arcee": {},

@@ -670,10 +670,10 @@ def test_shutdown_cancels_queued_and_running_work_within_seconds(tiny_model_dir)
         except httpx.HTTPError as e:
             events.append(f"closed: {type(e).__name__}")
 
-    threads = [threading.Thread(target=client) for _ in range(3)]
+    threads = [threading.Thread(target=client) for _ in range(8)]  # more work queued than the pause can serve
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
     t0 = time.perf_counter()
     s.proc.send_signal(signal.SIGTERM)
     s.proc.wait(timeout=15)

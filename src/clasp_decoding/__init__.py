@@ -2,6 +2,7 @@
 
 from .api import generate, generation, stream
 from .config import GenerationConfig
+from .context import NumericsNotice, restore
 from .decoding import Generation, GenerationResult
 from .drafting.registry import METHODS
 from .errors import ClaspError, ConfigError, InputError, ModelLoadError, RunnerBusyError, UnsupportedModelError
@@ -23,10 +24,12 @@ __all__ = [
     "GenerationStats",
     "InputError",
     "ModelLoadError",
+    "NumericsNotice",
     "RunnerBusyError",
     "UnsupportedModelError",
     "generate",
     "generation",
     "load",
+    "restore",
     "stream",
 ]

@@ -6,11 +6,21 @@ carry its own temperature, top-k or repetition penalty) cannot make the referenc
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 
+from . import numerics
 from .config import GenerationConfig
+
+
+def pristine_copy(model):
+    """A copy of ``model`` as loaded, without the project's numerics (taken off the copy if ``model`` has
+    them): the ``generate`` users have, for baselines and fidelity figures. Its own memory."""
+    clone = copy.deepcopy(model)
+    numerics.restore(clone)
+    return clone
 
 
 def hf_generation_config(config: GenerationConfig, eos_ids, pad_id: int | None):
@@ -21,6 +31,7 @@ def hf_generation_config(config: GenerationConfig, eos_ids, pad_id: int | None):
     sampling = config.temperature > 0
     return HFConfig(
         max_new_tokens=config.max_new_tokens,
+        min_new_tokens=config.min_new_tokens or None,
         do_sample=sampling,
         temperature=config.temperature if sampling else None,
         top_k=config.top_k if sampling and config.top_k else None,

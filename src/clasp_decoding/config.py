@@ -21,6 +21,10 @@ CEILINGS = {
 """Hard upper bounds. ``lookup_max_ngram`` bounds the prompt-lookup index: it holds every n-gram of the
 context up to that length, so its memory is linear in the context with this constant factor."""
 
+METHOD_NAMES = ("hybrid", "clasp", "static", "pld", "ar")
+"""Every drafting method's name, the default first: the vocabulary of ``method``. The registry
+(:mod:`.drafting.registry`) says what each name runs and checks that it covers exactly these."""
+
 QUANT_KINDS = ("auto", "none", "int8", "int4")
 """Weight-only quantizations the draft may use (see :mod:`.quant`); the verifier never does. ``auto`` is
 int8 where torch has a fused int8 kernel for the model's device, else none."""
@@ -147,10 +151,8 @@ def _check_positive(c: GenerationConfig, name: str) -> None:
 
 
 def _check_choices(c: GenerationConfig) -> None:
-    from .drafting.registry import METHODS
-
-    if c.method not in METHODS:
-        raise ConfigError(f"Unknown method {c.method!r}; choose one of {', '.join(METHODS)}.")
+    if c.method not in METHOD_NAMES:
+        raise ConfigError(f"Unknown method {c.method!r}; choose one of {', '.join(METHOD_NAMES)}.")
     if c.draft_quant not in QUANT_KINDS:
         raise ConfigError(f"Unknown draft_quant {c.draft_quant!r}; choose one of {', '.join(QUANT_KINDS)}.")
     if not isinstance(c.adaptive, bool):

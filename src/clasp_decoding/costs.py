@@ -60,6 +60,16 @@ def fastest_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if t["bf16"] <= t["fp32"] else torch.float32
 
 
+class EMA:
+    """An exponentially weighted mean that knows whether it has seen anything."""
+
+    def __init__(self, decay: float = 0.8, value: float | None = None) -> None:
+        self.decay, self.value = decay, value
+
+    def update(self, x: float) -> None:
+        self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
+
+
 LADDER = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 31)
 """Draft counts whose verification is timed (``k`` drafts = ``k + 1`` rows)."""
 
@@ -76,8 +86,6 @@ class CostTable:
 
     def seed(self, state, quant: str = "none") -> None:
         """Start a controller's estimates (:class:`~.drafting.controller.ControllerState`) from these."""
-        from .drafting.controller import EMA
-
         for k, seconds in self.verify.items():
             state.verify.setdefault(k, EMA(value=seconds))
         step = self.draft_step.get(quant)

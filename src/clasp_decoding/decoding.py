@@ -120,7 +120,8 @@ class Generation:
         self.stopper = stopper
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.finish_reason: str | None = None
-        self.exact_limit = runner.numerics.max_verify_drafts
+        limits = [runner.numerics.max_verify_drafts, None if runner.max_rows is None else runner.max_rows - 1]
+        self.draft_limit = min((x for x in limits if x is not None), default=None)
 
     # ------------------------------------------------------------------ driving it
 
@@ -194,7 +195,7 @@ class Generation:
     def _round(self) -> list[int]:
         s, stats = self.state, self.stats
         budget = s.config.max_new_tokens - s.generated
-        room = budget - 1 if self.exact_limit is None else min(budget - 1, self.exact_limit)
+        room = budget - 1 if self.draft_limit is None else min(budget - 1, self.draft_limit)
         t0 = time.perf_counter()
         draft = self.drafter.propose(s, room) if room > 0 else Draft([])
         if len(draft) > max(room, 0):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .paths import cache_dir
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 """The model ``load()`` and the command line use when none is named."""
@@ -104,11 +105,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         ),
     )
 }
-
-
-def cache_dir() -> Path:
-    """Where built-in models are kept: ``$CLASP_CACHE_DIR`` or ``~/.cache/clasp-decoding``."""
-    return Path(os.environ.get("CLASP_CACHE_DIR", Path.home() / ".cache" / "clasp-decoding")).expanduser()
 
 
 def is_cached(name: str) -> bool:

@@ -6,23 +6,33 @@ buffers:
 
 - an *entry* graph per query bucket ``q``: embedding, rotary tables, positions, cache slots and masks;
 - a graph per decoder layer and bucket, all reading and writing one hidden-state buffer, so a draft
-  with any skip set is just the replays of the layers it keeps;
-- an *exit* graph per bucket: final norm and head, of the last row (a draft step) or of every row;
+  with any skip set is just the replays of the layers it keeps (a quantized draft's stand-in layers
+  have graphs of their own, keyed by their variant: int8 and int4 never share one);
+- an *exit* graph per bucket and kind: final norm and head of the last row (a draft step) or of every
+  row (a verification), each writing a logits buffer of its own that is never reallocated;
 - per-layer graphs for the DP's candidate calls (one bucket of ``max_candidates`` rows; more candidates
   run in several calls, so any layer count and skip count works).
 
-The cache (:class:`StaticKVCache`) is allocated once at full capacity and written with ``index_copy_``
-at slots held in a device tensor; attention reads all slots and masks the ones beyond each query, a
-cost that grows with capacity and that ``scripts/gpu_check.py`` measures. Verification pads its tokens
-to the next bucket; padded rows write scratch slots beyond the verified ones and are ignored.
+Buckets go up to :data:`BUCKETS`' largest (64 rows): the loop never verifies more rows than that in one
+call (:attr:`GraphRunner.max_rows`), so lookup drafts and the cost ladder always replay graphs. A prompt
+longer than the largest bucket runs the same static code eagerly, once.
 
+Every graph is captured up front (:meth:`GraphRunner.prepare`, called by ``use_graphs`` and, for a
+quantized draft's layers, when they are made), never inside a timed round: a capture synchronizes the
+device and empties the allocator's cache, which would corrupt the costs the controller measures. A
+capture after warm-up restores the hidden-state buffer the warm-up wrote, so a graph's first replay
+computes from the same input as every later one.
+
+The cache (:class:`StaticKVCache`) is allocated once at full capacity and written with ``index_copy_``
+at slots held in a device tensor; attention reads all slots and masks the ones beyond each query.
 Because attention is one batched call over all slots, verification is not bit-identical to one-token
 decoding here (the numerics report says so): greedy output matches plain decoding except where two
 tokens tie to within rounding. The one static cache serves one live generation at a time; a second
 concurrent one is refused with :class:`~.errors.RunnerBusyError`.
 
-``capture=False`` runs exactly the same static-shape code eagerly. That is how the CPU tests cover this
-path, and how it runs anywhere CUDA graphs are unavailable.
+Graphs are captured with ``torch.cuda`` on a GPU, with the CPU stand-in of :mod:`.graph_emulation`
+when ``CLASP_EMULATE_CUDA_GRAPHS=1`` (the tests), and not at all with ``capture=False``, which runs the
+same static-shape code eagerly.
 """
 
 from __future__ import annotations
@@ -34,10 +44,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from . import graph_emulation
 from .draft_head import VocabSubset
 from .errors import InputError, RunnerBusyError
 from .kv_cache import KVCache
 from .runner import ModelRunner
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+"""Rows per call that have graphs: a call of ``q`` rows replays the smallest bucket that holds it."""
 
 
 class StaticKVCache(KVCache):
@@ -69,9 +83,17 @@ class StaticKVCache(KVCache):
 
 
 class _Bucket:
-    """Static buffers for calls of up to ``size`` query rows."""
+    """Static buffers for calls of up to ``size`` query rows. ``states`` holds every layer's hidden
+    states (``rows`` of them: all, or only the last one for a long prompt's prefill)."""
 
-    def __init__(self, runner: GraphRunner, size: int, with_states: bool = True) -> None:
+    def __init__(
+        self,
+        runner: GraphRunner,
+        size: int,
+        with_states: bool = True,
+        state_rows: int | None = None,
+        exits: bool = True,
+    ) -> None:
         d = runner.config.hidden_size
         dev, dt = runner.device, runner.dtype
         self.size = size
@@ -80,12 +102,29 @@ class _Bucket:
         self.slots = torch.zeros(size, dtype=torch.long, device=dev)
         self.offsets = torch.arange(size, device=dev)
         self.hidden = torch.zeros(1, size, d, dtype=dt, device=dev)
-        self.states = torch.zeros(runner.num_layers + 1, size, d, dtype=dt, device=dev) if with_states else None
+        self.state_rows = size if state_rows is None else state_rows
+        self.states = (
+            torch.zeros(runner.num_layers + 1, self.state_rows, d, dtype=dt, device=dev) if with_states else None
+        )
         self.masks = {
             k: torch.zeros(1, 1, size, runner.capacity, dtype=dt, device=dev) for k in set(runner.layer_types)
         }
         self.pe: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.logits: torch.Tensor | None = None
+        # One logits buffer per exit kind, allocated once: a graph writes the buffer it was captured with.
+        vocab = runner.vocab_size if exits else 0
+        self.logits_last = torch.zeros(1, vocab, dtype=torch.float32, device=dev)
+        self.logits_all = torch.zeros(size, vocab, dtype=torch.float32, device=dev) if size > 1 else self.logits_last
+
+    def keep_state(self, h: torch.Tensor) -> torch.Tensor:
+        """The rows of ``h`` ``[size, d]`` that ``states`` keeps."""
+        return h if self.state_rows == self.size else h[self.size - self.state_rows :]
+
+
+def variant(module: nn.Module | None):
+    """The graph-key name of a stand-in layer: its quantization (``int8``, ``int4``), else its identity."""
+    if module is None:
+        return None
+    return getattr(module, "clasp_variant", None) or id(module)
 
 
 class GraphRunner(ModelRunner):
@@ -96,27 +135,39 @@ class GraphRunner(ModelRunner):
         model,
         capacity: int = 4096,
         *,
-        buckets: Sequence[int] = (1, 2, 4, 8, 16),
+        buckets: Sequence[int] = BUCKETS,
         max_candidates: int = 32,
         capture: bool | None = None,
         compile_layers: bool = False,
     ) -> None:
         super().__init__(model)
         if not self.single_device:
-            raise InputError("The graph runner needs the whole model on one device; use the eager runner.")
+            raise InputError(
+                "The graph runner needs the whole model on one device; a model placed over several devices runs "
+                "on the eager runner (use_graphs picks it for such a model)."
+            )
         self.buckets = tuple(sorted(set(buckets)))
+        self.max_rows = self.buckets[-1]
         self.max_candidates = max_candidates
         self.token_capacity = min(self.max_positions, capacity)
         self.capacity = self.token_capacity + self.scratch_slots()
-        self.capture = torch.cuda.is_available() and self.device.type == "cuda" if capture is None else capture
+        if capture is None:
+            capture = (torch.cuda.is_available() and self.device.type == "cuda") or (
+                graph_emulation.enabled() and self.device.type == "cpu"
+            )
+        self.capture = capture
+        self.api = graph_emulation.API if self.device.type == "cpu" else torch.cuda
         self.cache = StaticKVCache(self.num_layers, self.capacity, self.dtype, self.device)
-        self._owner = None  # a weak reference to the live generation's cache holder, if any
+        self._owner = None  # the live generation's cache, if any
         self.start = torch.zeros((), dtype=torch.long, device=self.device)
         self.kv_slots = torch.arange(self.capacity, device=self.device)
         self._buckets = {b: _Bucket(self, b) for b in self.buckets}
         self._cand = _Bucket(self, max_candidates, with_states=False)
         self._graphs: dict[tuple, Callable[[], None]] = {}
         self._pool = None
+        self.late_captures = 0  # graphs captured outside prepare(): each one a stall inside a round
+        self._preparing = False
+        self._prepared: set = set()
         self._layer_fns = list(self.layers)
         self._compile = compile_layers
         if compile_layers:
@@ -167,6 +218,38 @@ class GraphRunner(ModelRunner):
         if cache is self.cache:
             self._owner = None
 
+    # ------------------------------------------------------------------ capturing up front
+
+    @torch.inference_mode()
+    def prepare(self, modules: Sequence[nn.Module] | None = None) -> int:
+        """Capture every graph a generation can replay (with ``modules``: the graphs of those stand-in
+        layers, a quantized draft's), outside any timed round. The capture calls write only scratch slots
+        past the token capacity, so a live generation's cache is untouched. Returns how many were new."""
+        before = len(self._graphs)
+        what = None if modules is None else variant(modules[0])
+        if not self.capture or what in self._prepared:
+            return 0
+        self._prepared.add(what)
+        self._preparing = True
+        scratch = self.token_capacity  # graphs do not depend on the position: use slots no token owns
+        hidden = torch.zeros(1, self.config.hidden_size, device=self.device, dtype=self.dtype)
+        try:
+            if modules is None:
+                for size in self.buckets:
+                    tokens = torch.zeros(size, dtype=torch.long, device=self.device)
+                    for last_only, collect in ((True, False), (False, False), (False, True)):
+                        self.forward(self.cache, tokens, scratch, last_only=last_only, collect_hidden=collect)
+                for i in self.all_layers:
+                    self.layer_candidates(self.cache, i, hidden, scratch)
+            else:  # a draft's steps: one row, its last logits; and the DP's candidates through its layers
+                tokens = torch.zeros(1, dtype=torch.long, device=self.device)
+                self.forward(self.cache, tokens, scratch, last_only=True, modules=modules)
+                for i in self.all_layers:
+                    self.layer_candidates(self.cache, i, hidden, scratch, modules[i])
+        finally:
+            self._preparing = False
+        return len(self._graphs) - before
+
     # ------------------------------------------------------------------ the static steps
 
     def _entry(self, b: _Bucket, candidates: bool) -> Callable[[], None]:
@@ -187,7 +270,7 @@ class GraphRunner(ModelRunner):
                 h = self._embed(b.tokens.view(1, b.size))
                 b.hidden.copy_(h)
                 if b.states is not None:
-                    b.states[0].copy_(h[0])
+                    b.states[0].copy_(b.keep_state(h[0]))
             q_pos = b.positions[0]
             for kind, mask in b.masks.items():
                 ok = allowed
@@ -221,41 +304,52 @@ class GraphRunner(ModelRunner):
             out = out[0] if isinstance(out, tuple) else out
             b.hidden.copy_(out)
             if collect:
-                b.states[i + 1].copy_(out[0])
+                b.states[i + 1].copy_(b.keep_state(out[0]))
 
         return run
 
     def _exit(self, b: _Bucket, last: bool) -> Callable[[], None]:
-        """Final norm and head: of the last row (a draft step) or of every row (a verification)."""
+        """Final norm and head: of the last row (a draft step) into ``logits_last``, or of every row (a
+        verification) into ``logits_all``."""
 
         def run() -> None:
-            logits = self.logits(b.hidden[0, -1:] if last else b.hidden[0])
-            if b.logits is None or b.logits.shape != logits.shape:
-                b.logits = torch.empty_like(logits)
-            b.logits.copy_(logits)
+            if last:
+                b.logits_last.copy_(self.logits(b.hidden[0, -1:]))
+            else:
+                b.logits_all.copy_(self.logits(b.hidden[0]))
 
         return run
 
-    def _run(self, key: tuple, make: Callable[[], Callable[[], None]]) -> None:
-        """Run a step: eagerly, or as a CUDA graph captured on first use (after a warm-up run)."""
+    def _run(self, key: tuple, make: Callable[[], Callable[[], None]], b: _Bucket) -> None:
+        """Run a step: eagerly, or as a graph captured on first use (after a warm-up run)."""
         fn = self._graphs.get(key)
         if fn is None:
             step = make()
             if not self.capture:
                 fn = step
             else:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    step()  # warm-up: allocations and lazy initialisation happen outside the capture
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    step()
-                self._pool = graph.pool()
-                fn = graph.replay
+                if not self._preparing:
+                    self.late_captures += 1
+                fn = self._capture(step, b)
             self._graphs[key] = fn
         fn()
+
+    def _capture(self, step: Callable[[], None], b: _Bucket) -> Callable[[], None]:
+        """Warm up (allocations and lazy initialisation happen outside the capture), put back the hidden
+        state the warm-up changed, capture."""
+        api = self.api
+        saved = b.hidden.clone()
+        side = api.Stream()
+        side.wait_stream(api.current_stream())
+        with api.stream(side):
+            step()
+        api.current_stream().wait_stream(side)
+        b.hidden.copy_(saved)
+        graph = api.CUDAGraph()
+        with api.graph(graph, pool=self._pool):
+            step()
+        self._pool = graph.pool()
+        return graph.replay
 
     def _bucket_for(self, q: int) -> _Bucket:
         for size in self.buckets:
@@ -280,30 +374,40 @@ class GraphRunner(ModelRunner):
     ):
         q = tokens.shape[-1]
         graphs = q <= self.buckets[-1]
-        # A prompt longer than the largest bucket runs the same static steps eagerly, in one call.
-        b = self._bucket_for(q) if graphs else _Bucket(self, q, with_states=collect_hidden)
+        # A prompt longer than the largest bucket runs the same static steps eagerly, in one call, keeping
+        # hidden states of its last row only when that is all it returns.
+        b = (
+            self._bucket_for(q)
+            if graphs
+            else _Bucket(self, q, with_states=collect_hidden, state_rows=1 if last_only else None, exits=False)
+        )
         b.tokens[:q].copy_(tokens)
+        if q < b.size:
+            b.tokens[q:].zero_()
         self.start.fill_(start)
-        run = self._run if graphs else (lambda key, make: make()())
-        run(("entry", b.size), lambda: self._entry(b, candidates=False))
-        stand_in = modules is not None
+        run = self._run if graphs else (lambda key, make, bucket: make()())
+        run(("entry", b.size), lambda: self._entry(b, candidates=False), b)
         for i in self.all_layers if layers is None else layers:
-            module = modules[i] if stand_in else None
+            module = modules[i] if modules is not None else None
             run(
-                ("layer", b.size, i, collect_hidden, stand_in),
+                ("layer", b.size, i, collect_hidden, variant(module)),
                 lambda i=i, m=module: self._layer(b, i, collect_hidden, m),
+                b,
             )
-        if vocab is not None:  # a draft head over part of the vocabulary runs eagerly
+        if vocab is not None or not graphs:  # a draft head over part of the vocabulary, a long prompt: eagerly
             logits = self.logits(b.hidden[0, q - 1 : q] if last_only else b.hidden[0, :q], vocab)
         elif last_only and q == b.size:
-            run(("exit", b.size, True), lambda: self._exit(b, True))
-            logits = b.logits.clone()
+            run(("exit", b.size, True), lambda: self._exit(b, True), b)
+            logits = b.logits_last.clone()
         else:
-            run(("exit", b.size, False), lambda: self._exit(b, False))
-            logits = b.logits[q - 1 : q].clone() if last_only else b.logits[:q].clone()
+            run(("exit", b.size, False), lambda: self._exit(b, False), b)
+            logits = b.logits_all[q - 1 : q].clone() if last_only else b.logits_all[:q].clone()
         hidden = None
         if collect_hidden:
-            hidden = b.states[:, q - 1 : q].clone() if last_only else b.states[:, :q].clone()
+            if not graphs:
+                hidden = b.states.clone()
+            else:
+                hidden = b.states[:, q - 1 : q].clone() if last_only else b.states[:, :q].clone()
         return logits, hidden
 
     @torch.inference_mode()
@@ -323,7 +427,7 @@ class GraphRunner(ModelRunner):
             b.hidden[0, :m].copy_(part)
             b.hidden[0, m:].zero_()
             self.start.fill_(position)
-            self._run(("cand-entry",), lambda: self._entry(b, candidates=True))
-            self._run(("cand", index, module is not None), lambda: self._layer(b, index, False, module))
+            self._run(("cand-entry",), lambda: self._entry(b, candidates=True), b)
+            self._run(("cand", index, variant(module)), lambda: self._layer(b, index, False, module), b)
             outs.append(b.hidden[0, :m].clone())
         return torch.cat(outs) if len(outs) > 1 else outs[0]

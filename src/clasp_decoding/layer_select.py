@@ -55,17 +55,19 @@ def clasp_dp(hidden: torch.Tensor, num_skip: int, run_layer: RunLayer) -> tuple[
             new[i] = h[0]
             skip_choice[i, i] = True
         g = new
-    return backtrack(skip_choice.cpu(), num_layers, m)
+    return backtrack(skip_choice, num_layers, m)
 
 
-def backtrack(skip_choice: torch.Tensor, num_layers: int, num_skip: int) -> tuple[int, ...]:
-    """Read the skip set off the DP's decisions, walking back from ``g[L][M]``."""
+def backtrack(skip_choice, num_layers: int, num_skip: int) -> tuple[int, ...]:
+    """Read the skip set off the DP's decisions (a ``[L + 1, M + 1]`` tensor, or nested lists), walking
+    back from ``g[L][M]``."""
+    rows = skip_choice.tolist() if isinstance(skip_choice, torch.Tensor) else skip_choice  # one transfer
     skipped = []
     j = num_skip
     for i in range(num_layers, 0, -1):
         if j == 0:
             break
-        if j == i or bool(skip_choice[i, j]):
+        if j == i or rows[i][j]:
             skipped.append(i - 1)
             j -= 1
     return tuple(sorted(skipped))

@@ -38,6 +38,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
+def placement_device(device: str, device_map: str | dict | None) -> str:
+    """The kind of device the model computes on: ``device``, or for a ``device_map`` ``cuda`` when it
+    places anything on a GPU (``"auto"`` and friends do whenever one is present), else ``cpu``."""
+    if device_map is None:
+        return device
+    if isinstance(device_map, str):
+        return "cuda" if torch.cuda.is_available() and not device_map.startswith("cpu") else "cpu"
+    values = [str(v) for v in device_map.values()]
+    return "cuda" if any(v.isdigit() or v.startswith("cuda") for v in values) else "cpu"
+
+
 def _hub_cached(repo_id: str) -> bool:
     """Whether the Hugging Face cache already holds ``repo_id``'s config (so no network is needed)."""
     try:
@@ -105,7 +116,7 @@ def load(
 
     from .families import check_supported
 
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, placement_device(device, device_map))
     source, kwargs = _source(name_or_path, quiet)
     gguf = bool(kwargs.get("gguf_file"))
     placement = {"device_map": device_map} if device_map is not None and not gguf else {}

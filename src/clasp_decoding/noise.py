@@ -13,8 +13,15 @@ winning block has probability ``p(block)``, the winner inside it ``p(v) / p(bloc
 again, but it needs ``V / BLOCK + BLOCK`` random numbers per token instead of ``V``.
 
 The random numbers come from a counter-based hash (splitmix64's finalizer) of (seed, index, stage,
-block or token id), computed with 64-bit integer tensor ops, so the same seed gives the same text on
-every device and batch shape.
+block or token id), computed with 64-bit integer tensor ops: the same seed and index give the same noise
+on every device and batch shape. (The same *text* follows wherever the logits are the same bits: across
+runs, batch shapes and drafting on one machine; another machine's kernels may round logits differently.)
+
+No seed can make an impossible token win: each uniform has 52 random bits and lies strictly inside
+(0, 1), so every exponential is finite and positive, and an id with zero probability (a padding id past
+the vocabulary, a token removed by top-k or top-p, an end-of-sequence held back) scores -1, below every
+id with positive probability, whatever its noise. Its one chance would be a row whose probabilities are
+all zero, which warping never produces.
 """
 
 from __future__ import annotations
@@ -59,17 +66,39 @@ def mix64_reference(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _row_keys(seed: int, indices: torch.Tensor, stage: int) -> torch.Tensor:
-    """One 64-bit key per (seed, token index, stage): ``[n, 1]``."""
-    base = mix64(torch.tensor(_signed(seed + stage * 0x632BE59BD9B4E019), dtype=torch.long, device=indices.device))
-    return mix64(base ^ (indices.long() * _GOLDEN))[:, None]
+_STAGE_STEP = 0x632BE59BD9B4E019
+
+
+def stage_key(seed: int, stage: int) -> int:
+    """The hash of (seed, stage) as a signed 64-bit Python integer: made on the host, no device work."""
+    return _signed(mix64_reference(seed + stage * _STAGE_STEP))
+
+
+def _row_keys(seed: int, first_index: int, n: int, stage: int, device) -> torch.Tensor:
+    """One 64-bit key per (seed, token index, stage) for indices ``first_index ..``: ``[n, 1]``. Built from
+    Python integers (an ``arange`` and scalar operands): no tensor made from a list, no host sync."""
+    indices = torch.arange(first_index, first_index + n, device=device, dtype=torch.long)
+    return mix64(indices * _GOLDEN ^ stage_key(seed, stage))[:, None]
+
+
+UNIFORM_BITS = 52
+
+
+def uniforms(bits: torch.Tensor) -> torch.Tensor:
+    """Float64 uniforms strictly inside (0, 1) from hashed bits: the top 52 bits plus one half, times
+    2**-52 (the largest is ``1 - 2**-53``, exactly representable: never 1, so never a zero exponential)."""
+    return (_shr(bits, 64 - UNIFORM_BITS).double() + 0.5) * 2.0**-UNIFORM_BITS
 
 
 def exponentials(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Float64 Exp(1) variates, one per (row key, id): ``keys [n, 1]``, ``ids [n, m]`` or ``[m]``."""
-    bits = mix64(ids * _GOLDEN + keys)
-    u = (_shr(bits, 11).double() + 0.5) * 2.0**-53  # 53 random bits, strictly inside (0, 1)
-    return -torch.log(u)
+    """Float64 Exp(1) variates, one per (row key, id): ``keys [n, 1]``, ``ids [n, m]`` or ``[m]``; each
+    finite and positive."""
+    return -torch.log(uniforms(mix64(ids * _GOLDEN + keys)))
+
+
+def _scores(weights: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
+    """The race's scores ``w / E``, with every zero weight at -1: below any positive weight's score."""
+    return torch.where(weights > 0, weights / exps, -1.0)
 
 
 def race(probs: torch.Tensor, seed: int, first_index: int) -> torch.Tensor:
@@ -81,10 +110,11 @@ def race(probs: torch.Tensor, seed: int, first_index: int) -> torch.Tensor:
     blocks = -(-vocab // BLOCK)
     padded = torch.nn.functional.pad(probs, (0, blocks * BLOCK - vocab)) if blocks * BLOCK != vocab else probs
     grouped = padded.view(n, blocks, BLOCK)
-    indices = torch.arange(first_index, first_index + n, device=dev)
     mass = grouped.sum(-1, dtype=torch.float64)
-    winner = (mass / exponentials(_row_keys(seed, indices, _BLOCK_STAGE), torch.arange(blocks, device=dev))).argmax(-1)
+    block_keys = _row_keys(seed, first_index, n, _BLOCK_STAGE, dev)
+    winner = _scores(mass, exponentials(block_keys, torch.arange(blocks, device=dev))).argmax(-1)
     inside = grouped[torch.arange(n, device=dev), winner].double()
     ids = winner[:, None] * BLOCK + torch.arange(BLOCK, device=dev)
-    pick = (inside / exponentials(_row_keys(seed, indices, _TOKEN_STAGE), ids)).argmax(-1)
+    token_keys = _row_keys(seed, first_index, n, _TOKEN_STAGE, dev)
+    pick = _scores(inside, exponentials(token_keys, ids)).argmax(-1)
     return winner * BLOCK + pick

@@ -9,29 +9,34 @@ order rounds differently, and near-ties between the two best tokens then flip. T
   ``q`` single-query calls over a growing cache. During a verification each query row is therefore
   attended on its own, through the model's own attention function, over exactly the keys before it
   (:func:`install_attention`). Projections and MLPs stay batched: they are where the weights are read.
-- **Linear layers.** On the CPU, a bf16 matrix product with one row takes a different kernel (a
-  matrix-vector product that sums in another order when the inner dimension is large) than one with two
-  or more rows; with two or more, each row's result does not depend on the number of rows. So a linear
-  layer is never run on a single row: it gets a duplicate row and keeps the first output
-  (:func:`install_linear_padding`). A probe at install time checks this property on the actual
-  hardware, dtype and shapes, and says so when it does not hold. It also finds up to how many rows it
-  holds (bf16 on this project's CPUs switches kernels past 32 rows): the decoding loop never verifies
+- **Linear layers.** On the CPU the project's own kernels (:mod:`.kernels`) run every linear layer:
+  each output element is one dot product summed in a fixed order, so a row's bits never depend on how
+  many rows share the call, and each weight is read once per call (decoding is bound by reading them).
+  Where they cannot run (no compiler at first use, fp16 weights, a GPU), torch's kernels do, probed at
+  install time: on CPUs a bf16 product with one row takes another kernel than one with two or more, so
+  single rows are padded to two there (:func:`install_linear`), and the probe finds up to how many rows
+  the property holds (bf16 on AMX CPUs switches kernels past 32 rows); the decoding loop never verifies
   more drafts than that in one call.
 
-Both are installed on the model itself, so ``transformers``' own ``generate`` on the same model computes
-with the same numerics and is the exact reference. They do not change what is computed, only which
-kernel computes it. Calls that do not come from the runner carry no ``clasp_rows`` argument and reach
-the model's original attention function unchanged.
+Both are installed on the model itself (:func:`install`; :func:`restore` takes them off), so
+``transformers``' own ``generate`` on the same model computes with the same numerics and is the exact
+reference for plain decoding with them. A model that never had them installed computes with torch's
+kernels, which round differently: its greedy text can differ from ours where two tokens are within
+rounding of each other (the benchmark measures how often; docs/numerics.md). Calls that do not come from
+the runner carry no ``clasp_rows`` argument and reach the model's original attention function unchanged.
 """
 
 from __future__ import annotations
 
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import kernels
 
 WRAPPABLE = ("sdpa", "eager")
 ROW_LADDER = (2, 3, 4, 5, 8, 9, 12, 16, 17, 24, 31, 32, 33, 40, 48, 56, 63, 64, 65)
@@ -58,7 +63,7 @@ class NumericsReport:
     """What :func:`install` could guarantee for a model."""
 
     attention_rowwise: bool
-    linear_mode: str  # "invariant" (nothing needed), "padded" (single rows padded) or "inexact"
+    linear_mode: str  # "kernel" (the project's), "invariant" (torch's as is), "padded" (single rows padded), "inexact"
     max_rows: int = ROW_LADDER[-1]  # the most rows one call may have and stay row-exact
 
     @property
@@ -146,6 +151,7 @@ def install_attention(model) -> bool:
     current = model.config._attn_implementation or "eager"
     if current.startswith("clasp_"):
         return True
+    model._clasp_attention_was = current  # what restore() switches back to
     if current not in WRAPPABLE:
         warnings.warn(
             f"Attention backend {current!r} reads the 4D masks CLaSp builds (verification, layer selection) as "
@@ -168,6 +174,10 @@ def install_attention(model) -> bool:
 
 # ----------------------------------------------------------------------------- linear layers
 
+KERNEL_ROWS = 1 << 16
+"""Rows one call may have with the project's kernels: they are row-invariant by construction, for any
+number of rows (the probe still checks the ladder, in case a build went wrong)."""
+
 
 def _single_row(x: torch.Tensor) -> bool:
     return x.dim() >= 2 and x.numel() == x.shape[-1]
@@ -188,17 +198,41 @@ def _unpad_hook(module, args, output):
     return None
 
 
-def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None, seed: int = 0) -> tuple[str, int]:
+def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """An ``nn.Linear``'s forward through the project's kernel (bound to the module by :func:`install_linear`);
+    anything the kernel does not take (another dtype or device, autograd) goes to torch's."""
+    w = self.weight
+    if x.dtype is w.dtype and x.device.type == "cpu" and not (torch.is_grad_enabled() and w.requires_grad):
+        return kernels.linear(x, w, self.bias)
+    return torch.nn.functional.linear(x, w, self.bias)
+
+
+def kernel_suits(module: nn.Module) -> bool:
+    """Whether the project's kernel can run this linear layer: bf16 or fp32 weights on the CPU, no forward
+    already replaced by someone else (a dispatch hook)."""
+    w = module.weight
+    return (
+        w.device.type == "cpu"
+        and w.dtype in (torch.bfloat16, torch.float32)
+        and w.dim() == 2
+        and w.is_contiguous()
+        and "forward" not in module.__dict__
+        and kernels.available()
+    )
+
+
+def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None, seed: int = 0, f=None) -> tuple[str, int]:
     """Whether a linear layer's rows are batch-invariant as is (``"invariant"``), when never run on a
     single row (``"padded"``), or neither (``"inexact"``), on this weight's device and dtype; and up to
     how many rows that holds (a kernel may change its blocking for larger batches: bf16 on AMX CPUs does
     past 32 rows, fp32 MKL on AVX2 past 3). Every row of every batch size in :data:`ROW_LADDER` is
     compared with the same row computed alone (``"invariant"``) or as a duplicated pair (``"padded"``):
-    rounding differences are rare per element, so many rows and sizes are needed to see them."""
+    rounding differences are rare per element, so many rows and sizes are needed to see them. ``f`` is
+    the product to probe (default: torch's ``linear``)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     rows = ROW_LADDER[-1]
     x = torch.randn(rows, weight.shape[1], generator=g).to(weight.device, weight.dtype)
-    f = torch.nn.functional.linear
+    f = f or torch.nn.functional.linear
     with torch.inference_mode():
         single = torch.cat([f(x[i : i + 1].clone(), weight, bias) for i in range(rows)])
         pair = torch.cat([f(x[[i, i]], weight, bias)[:1] for i in range(rows)])
@@ -217,32 +251,54 @@ def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None, seed: int = 0)
     return (mode if limit > 1 else "inexact"), limit
 
 
-def install_linear_padding(model) -> tuple[str, int]:
-    """Probe every distinct linear shape of the model; pad single rows where that makes rows invariant.
-    Returns the model's overall mode (``"invariant"``, ``"padded"`` or ``"inexact"``) and the most rows
-    one call may have for that to hold."""
+def _key(m: nn.Module) -> tuple:
+    return (tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)
+
+
+def _verdict(m: nn.Module) -> tuple[str, int]:
+    """How one linear layer will run: on the project's kernel (``"kernel"``, checked on a slice of its
+    weight: the kernel's rows do not depend on the output width), or on torch's, probed."""
+    if kernel_suits(m):
+        part = m.weight[:64]
+        bias = None if m.bias is None else m.bias[:64]
+        mode, limit = probe_linear(part, bias, f=kernels.linear)
+        if mode == "invariant" and limit == ROW_LADDER[-1]:
+            return "kernel", KERNEL_ROWS
+        warnings.warn(
+            f"clasp-decoding's kernel failed its row check on {tuple(m.weight.shape)}; using torch's.", stacklevel=3
+        )
+    return probe_linear(m.weight, m.bias)
+
+
+def install_linear(model) -> tuple[str, int]:
+    """Run every linear layer the project's kernel suits on it; probe the others (torch's kernels) and pad
+    single rows where that makes rows invariant. Returns the model's overall mode (``"kernel"``,
+    ``"invariant"``, ``"padded"`` or ``"inexact"``: the weakest of its layers) and the most rows one call
+    may have for that to hold."""
     if getattr(model, "_clasp_linear_mode", None):
         return model._clasp_linear_mode
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     verdicts: dict[tuple, tuple[str, int]] = {}
     for m in linears:
-        key = (tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)
-        if key not in verdicts:
-            verdicts[key] = probe_linear(m.weight, m.bias)
+        if _key(m) not in verdicts:
+            verdicts[_key(m)] = _verdict(m)
     for m in linears:
-        if verdicts[(tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)][0] == "padded":
+        mode = verdicts[_key(m)][0]
+        if mode == "kernel":
+            m.forward = types.MethodType(_kernel_forward, m)
+        elif mode == "padded":
             m.register_forward_pre_hook(_pad_pre_hook)
             m.register_forward_hook(_unpad_hook)
-    modes = {v[0] for v in verdicts.values()}
-    mode = "inexact" if "inexact" in modes else ("padded" if "padded" in modes else "invariant")
-    limit = min((v[1] for v in verdicts.values()), default=ROW_LADDER[-1])
+    order = ("inexact", "padded", "invariant", "kernel")
+    mode = min((v[0] for v in verdicts.values()), key=order.index, default="kernel")
+    limit = min((v[1] for v in verdicts.values()), default=KERNEL_ROWS)
     model._clasp_linear_mode = (mode, limit)
     return mode, limit
 
 
 def install(model) -> NumericsReport:
     """Install both; warn once if greedy exactness cannot be guaranteed on this hardware."""
-    report = NumericsReport(install_attention(model), *install_linear_padding(model))
+    report = NumericsReport(install_attention(model), *install_linear(model))
     if not report.exact and not getattr(model, "_clasp_warned", False):
         model._clasp_warned = True
         warnings.warn(
@@ -252,3 +308,22 @@ def install(model) -> NumericsReport:
             stacklevel=3,
         )
     return report
+
+
+def restore(model) -> bool:
+    """Undo :func:`install`: the model's own attention backend and torch's linear layers again, as loaded
+    (it works on a deep copy of an installed model too). Returns whether anything was installed."""
+    if not hasattr(model, "_clasp_linear_mode") and not hasattr(model, "_clasp_attention_was"):
+        return False
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and getattr(m.__dict__.get("forward"), "__func__", None) is _kernel_forward:
+            del m.forward
+        for hooks, ours in ((m._forward_pre_hooks, _pad_pre_hook), (m._forward_hooks, _unpad_hook)):
+            for key in [k for k, fn in hooks.items() if fn is ours]:
+                del hooks[key]
+    was = getattr(model, "_clasp_attention_was", None)
+    if was is not None:
+        model.set_attn_implementation(was)
+    for name in ("_clasp_linear_mode", "_clasp_attention_was", "_clasp_warned"):
+        model.__dict__.pop(name, None)
+    return True

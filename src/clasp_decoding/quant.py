@@ -4,9 +4,9 @@ A layer-skip draft step reads the weights of every layer it keeps, so on a CPU (
 anywhere) its cost is the bytes it reads. Quantized copies of those weights make it 2-4x cheaper to read;
 verification always runs the model's own weights, so the output is unchanged (the draft only proposes).
 
-Kernels: torch's own weight-only operators, ``torch._weight_int8pack_mm`` (int8, per output channel) and
-``torch._weight_int4pack_mm_for_cpu`` / ``torch._weight_int4pack_mm`` (int4, grouped, CPU / CUDA), behind
-one small module. Why not torchao: with the pinned torch, torchao's ``Int8WeightOnlyConfig`` measured
+Kernels: on the CPU, the project's own (:mod:`.kernels`: int8 per output channel, int4 in groups, read
+once per call, row-invariant); elsewhere torch's weight-only operators, ``torch._weight_int8pack_mm``
+(int8, per output channel) and ``torch._weight_int4pack_mm`` (int4, grouped), behind one small module. Why not torchao: with the pinned torch, torchao's ``Int8WeightOnlyConfig`` measured
 slower than plain bf16 on a CPU without AMX (3.8 ms against 1.9 ms for one row of a 1536 -> 8960 layer;
 ``../shared/docs/environment.md``), while ``_weight_int8pack_mm`` was 3x faster; these operators are what
 torchao's CPU path lowers to anyway, without its extra dependency. Where a device has no fused kernel
@@ -25,14 +25,23 @@ import functools
 import torch
 from torch import nn
 
+from . import kernels
 from .draft_head import VocabSubset
 
 INT4_GROUPS = (128, 64, 32)
 
 
+def _own_kernels(device: torch.device) -> bool:
+    """Whether the project's kernels (:mod:`.kernels`) run quantized layers on this device: the CPU, built."""
+    return device.type == "cpu" and kernels.available()
+
+
 @functools.cache
 def fused_available(kind: str, device_type: str) -> bool:
-    """Whether torch has a fused weight-only kernel for ``kind`` on ``device_type`` (tried once)."""
+    """Whether a fused weight-only kernel exists for ``kind`` on ``device_type``: the project's own on the
+    CPU, else torch's (tried once)."""
+    if _own_kernels(torch.device(device_type)):
+        return True
     try:
         layer = nn.Linear(256, 64, bias=False).to(device_type)
         QuantLinear(layer, kind, _probe=True)(torch.randn(2, 256, device=device_type))
@@ -42,27 +51,40 @@ def fused_available(kind: str, device_type: str) -> bool:
 
 
 class QuantLinear(nn.Module):
-    """A weight-only quantized copy of an ``nn.Linear`` (the original is left untouched)."""
+    """A weight-only quantized copy of an ``nn.Linear`` (the original is left untouched).
+
+    On the CPU with the project's kernels: int8 per output channel, or int4 in groups of 128 (64) inputs,
+    run by :func:`.kernels.linear_int8` / :func:`.kernels.linear_int4`. Elsewhere torch's fused operators,
+    or, where none exists, dequantization on every call (correct, not faster)."""
 
     def __init__(self, linear: nn.Linear, kind: str, *, fused: bool | None = None, _probe: bool = False) -> None:
         super().__init__()
         w = linear.weight.detach().float()
         self.kind, self.out_features, self.in_features = kind, w.shape[0], w.shape[1]
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.group = next((g for g in INT4_GROUPS if self.in_features % g == 0), None) if kind == "int4" else None
-        if kind == "int4" and (self.group is None or self.out_features % 16):
-            self.kind = kind = "int8"  # a shape the packed int4 kernels do not take: int8 for this layer
         dev = w.device
-        self.fused = _probe or (fused if fused is not None else fused_available(kind, dev.type))
+        self.own = not _probe and _own_kernels(dev)
+        if kind == "int4" and self.own:
+            self.group = next((g for g in INT4_GROUPS if g % 64 == 0 and self.in_features % g == 0), None)
+        elif kind == "int4":
+            self.group = next((g for g in INT4_GROUPS if self.in_features % g == 0), None)
+        if kind == "int4" and (self.group is None or (not self.own and self.out_features % 16)):
+            self.kind = kind = "int8"  # a shape the int4 kernels do not take: int8 for this layer
+        self.fused = self.own or _probe or (fused if fused is not None else fused_available(kind, dev.type))
         if kind == "int8":
             scale = w.abs().amax(1).clamp_min(1e-8) / 127
             self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
-            self.register_buffer("scale", scale.to(torch.bfloat16))
+            self.register_buffer("scale", scale if self.own else scale.to(torch.bfloat16))
+        elif kind == "int4" and self.own:
+            packed, scale, zero = kernels.pack_int4(w, self.group)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero", zero)
         elif kind == "int4":
             grouped = w.view(self.out_features, -1, self.group)
             lo, hi = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
             scale = (hi - lo).clamp_min(1e-8) / 15
-            zero = lo + 8 * scale  # the packed kernels' convention: w = (q - 8) * scale + zero
+            zero = lo + 8 * scale  # torch's packed kernels' convention: w = (q - 8) * scale + zero
             q = ((grouped - lo) / scale).round().clamp(0, 15).to(torch.int32).view(self.out_features, -1)
             pairs = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous()
             self.register_buffer("scales_zeros", pairs.to(torch.bfloat16))
@@ -82,6 +104,8 @@ class QuantLinear(nn.Module):
         """The weights the fallback path computes with, as bf16."""
         if self.kind == "int8":
             return (self.qweight.float() * self.scale.float()[:, None]).bfloat16()
+        if self.own:
+            return kernels.unpack_int4(self.qweight, self.scale, self.zero, self.group).bfloat16()
         sz = self.scales_zeros.float()  # [groups, out, 2]
         q = self.qweight.float().view(self.out_features, -1, self.group)
         w = (q - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
@@ -90,6 +114,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        if self.own and flat.device.type == "cpu":
+            if self.kind == "int8":
+                out = kernels.linear_int8(flat, self.qweight, self.scale, self.bias)
+            else:
+                out = kernels.linear_int4(flat, self.qweight, self.scale, self.zero, self.group, self.bias)
+            return out.to(x.dtype).view(*shape[:-1], self.out_features)
         if not self.fused:
             out = torch.nn.functional.linear(flat, self.dequantized().to(flat.device))
         elif self.kind == "int8":
@@ -104,12 +134,61 @@ class QuantLinear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
 
-def resolve(kind: str, device: torch.device) -> str:
-    """``auto`` is int8 where torch has a fused int8 kernel for ``device`` (measured on the benchmark model:
-    draft steps 0.50 -> 0.38 of a full step, acceptance 77% -> 75%; docs/tuning.md), else none."""
+def resolve(kind: str, device: torch.device, sample: nn.Linear | None = None) -> str:
+    """The draft quantization ``kind`` means on ``device``. ``auto``: on the CPU, int8 where a fused
+    kernel exists (the project's, or torch's: half the bytes of bf16 per draft step; measured on the
+    benchmark model, draft steps 0.50 -> 0.38 of a full step, acceptance 77% -> 75%: docs/tuning.md);
+    on a GPU, whichever of int4 (torch's ``_weight_int4pack_mm``) and int8 a timing of ``sample`` (one of
+    the model's own linear layers) shows faster than the layer as it is, by 10% at least, else none."""
     if kind != "auto":
         return kind
-    return "int8" if fused_available("int8", torch.device(device).type) else "none"
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return "int8" if fused_available("int8", "cpu") else "none"
+    if sample is None:
+        return "none"
+    key = (str(dev), tuple(sample.weight.shape), sample.weight.dtype)
+    if key not in _FASTEST:
+        _FASTEST[key] = _fastest_on(str(dev), sample)
+    return _FASTEST[key]
+
+
+_FASTEST: dict[tuple, str] = {}  # per device and layer shape: timed once per process
+
+
+def _fastest_on(device: str, sample: nn.Linear) -> str:
+    """Time one-row calls of ``sample`` as it is and of its int4 and int8 copies on ``device``."""
+    from .costs import median_seconds
+
+    x = torch.randn(1, sample.weight.shape[1], device=device, dtype=sample.weight.dtype)
+
+    def timed(module: nn.Module) -> float:
+        def call() -> None:
+            for _ in range(20):
+                module(x)
+            torch.cuda.synchronize(device)
+
+        return median_seconds(call, repeats=5)
+
+    with torch.inference_mode():
+        base = timed(sample)
+        best, best_time = "none", base / 1.1
+        for kind in ("int4", "int8"):
+            try:
+                if not fused_available(kind, torch.device(device).type):
+                    continue
+                seconds = timed(QuantLinear(sample, kind))
+            except (RuntimeError, NotImplementedError):
+                continue
+            if seconds < best_time:
+                best, best_time = kind, seconds
+    return best
+
+
+def sample_layer(runner) -> nn.Linear | None:
+    """The largest linear layer of the first decoder layer: what :func:`resolve` times on a GPU."""
+    linears = [m for m in runner.layers[0].modules() if isinstance(m, nn.Linear)]
+    return max(linears, key=lambda m: m.weight.numel(), default=None)
 
 
 def quantized_copy(module: nn.Module, kind: str) -> nn.Module:
@@ -148,9 +227,14 @@ def draft_modules(model_state, kind: str, vocab: VocabSubset | None) -> tuple[li
     """Quantized copies of every layer (made once per model and kind: any layer may be kept by a skip
     set) and a quantized draft head for ``vocab`` (the whole head when ``vocab`` is ``None``)."""
     runner = model_state.runner
-    layers = model_state.remember(
-        ("draft_layers", kind), lambda: [quantized_copy(layer, kind) for layer in runner.layers]
-    )
+
+    def make_layers() -> list[nn.Module]:
+        out = [quantized_copy(layer, kind) for layer in runner.layers]
+        for layer in out:
+            layer.clasp_variant = kind  # names these stand-ins (the graph runner keys its graphs by it)
+        return out
+
+    layers = model_state.remember(("draft_layers", kind), make_layers)
     base = vocab or VocabSubset(runner.head, runner.vocab_size)
     limit = base.weight.shape[0]
 

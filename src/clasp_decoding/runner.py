@@ -18,6 +18,7 @@ device.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -46,7 +47,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module) -> None:
         check_supported(model)
-        self.model = model
+        self._model = weakref.ref(model)  # the model registry's entry must not keep its own key alive
         self.config = model.config
         parts = model_parts(model)
         self.embed, self.layers, self.norm, self.rotary, self.head = (
@@ -78,6 +79,11 @@ class ModelRunner:
         self.single_device = len({*self.layer_devices, self.embed_device, self.device}) == 1
         self.numerics = install(model)
         self.row_exact = self.numerics.attention_rowwise
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this runner drives (``None`` once the user has dropped it)."""
+        return self._model()
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +122,14 @@ class ModelRunner:
 
     def release_cache(self, cache: KVCache) -> None:
         """A generation is done with ``cache`` (nothing to do: each generation has its own)."""
+
+    max_rows: int | None = None
+    """The most query rows one call may have (``None``: any); the graph runner's largest bucket."""
+
+    def prepare(self, modules: Sequence[nn.Module] | None = None) -> int:
+        """Get ready to run ``modules`` (stand-in layers) or the model itself, outside any timed round. The
+        eager runner has nothing to prepare; the graph runner captures its graphs here."""
+        return 0
 
     # ------------------------------------------------------------------ building blocks
 
@@ -222,7 +236,11 @@ class ModelRunner:
             q_pos = position_ids[0]
             kv_pos = torch.arange(end, device=dev)
             masks = self._masks(kv_pos[None, :] <= q_pos[:, None], q_pos, kv_pos)
-        states = [hidden[0]] if collect_hidden else None
+
+        def kept(h: torch.Tensor) -> torch.Tensor:  # a prefill keeps its last row's states only (a copy, so
+            return h[0, -1:].clone() if last_only else h[0]  # the layer's whole output is not held)
+
+        states = [kept(hidden)] if collect_hidden else None
         plans = {
             kind: RowSpec(start, "causal", self.sliding_window if kind == "sliding_attention" else None)
             for kind in masks
@@ -241,10 +259,8 @@ class ModelRunner:
             layer = self.layers[i] if modules is None else modules[i]
             hidden = self._run_layer(layer, hidden, mask, pos_emb, pos_ids, cache, plans[kind])
             if states is not None:
-                states.append(hidden[0] if self.single_device else hidden[0].to(self.device))
+                states.append(kept(hidden) if self.single_device else kept(hidden).to(self.device))
         out = hidden[0, -1:] if last_only else hidden[0]
-        if states is not None and last_only:
-            states = [h[-1:] for h in states]
         return self.logits(out, vocab), (torch.stack(states) if states is not None else None)
 
     @torch.inference_mode()

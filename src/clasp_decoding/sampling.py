@@ -92,7 +92,10 @@ def speculative_accept(
     """Speculative sampling. ``draft`` ``[k]``; ``draft_probs`` ``[k, V]`` (the draft's warped
     distributions), or ``None`` for a deterministic draft (prompt lookup: ``q`` is one-hot);
     ``target_probs`` ``[k + 1, V]``. Returns ``(a, token)`` like :func:`prefix_accept`.
-    """
+
+    Both possible next tokens (the bonus token after ``k`` acceptances, the residual's sample at the
+    first rejection) are drawn on the device and the right one picked there: one host transfer per
+    round. (The unused one is an independent draw, so it changes nothing in the law.)"""
     k = draft.shape[0]
     if k == 0:
         return 0, int(sample(target_probs[:1], generator)[0])
@@ -105,11 +108,13 @@ def speculative_accept(
     q_x = q[idx, draft]
     u = torch.rand(k, generator=generator, device=draft.device)
     accept = u * q_x < p_x  # u < p/q without dividing by a tiny q
-    a = int(accept.long().cumprod(0).sum())
-    if a == k:
-        return k, int(sample(target_probs[k : k + 1], generator)[0])
-    fix = residual(target_probs[a], q[a])
-    return a, int(sample(fix[None], generator)[0])
+    a = accept.long().cumprod(0).sum()
+    row = a.clamp(max=k - 1)
+    fix = residual(target_probs.index_select(0, row.view(1)), q.index_select(0, row.view(1)))
+    rejected = sample(fix, generator)[0]
+    bonus = sample(target_probs[k : k + 1], generator)[0]
+    both = torch.stack([a, torch.where(a == k, bonus, rejected)]).tolist()
+    return int(both[0]), int(both[1])
 
 
 class Sampler:
@@ -139,20 +144,40 @@ class Sampler:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(seed)
         self.min_length = min_length
-        self._eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device) if eos_ids else None
+        self.eos_ids = frozenset(eos_ids)
+        self.device = device
+        self._eos_columns: dict = {}
+
+    def _eos_in(self, width: int, vocab=None) -> torch.Tensor | None:
+        """Columns of end-of-sequence ids in logits of ``width`` ids (over ``vocab``'s ids when given, a
+        reduced or quantized draft head), made once per width or head: no host sync per call."""
+        key = width if vocab is None else id(vocab)
+        if key not in self._eos_columns:
+            if vocab is None:
+                cols = sorted(i for i in self.eos_ids if 0 <= i < width)
+            else:
+                ids = vocab.ids.tolist()
+                cols = [j for j, i in enumerate(ids) if i in self.eos_ids]
+            made = torch.tensor(cols, dtype=torch.long, device=self.device) if cols else None
+            self._eos_columns[key] = (made, vocab)  # the head is kept alive so its id is not reused
+        return self._eos_columns[key][0]
 
     @property
     def needs_draft_probs(self) -> bool:
         """Whether verification needs the draft's distributions (speculative sampling only)."""
         return self.mode == "speculative"
 
-    def _suppress(self, logits: torch.Tensor, index: int) -> torch.Tensor:
-        """Mask end-of-sequence ids on rows whose token index is below ``min_length``."""
+    def _suppress(self, logits: torch.Tensor, index: int, vocab=None) -> torch.Tensor:
+        """Mask end-of-sequence ids on rows whose token index is below ``min_length`` (row ``r`` of
+        ``logits`` is index ``index + r``); ``vocab`` maps the columns of a draft head's logits to ids."""
         rows = min(logits.shape[0], self.min_length - index)
-        if self._eos is None or rows <= 0:
+        if rows <= 0 or not self.eos_ids:
+            return logits
+        cols = self._eos_in(logits.shape[-1], vocab)
+        if cols is None:
             return logits
         logits = logits.clone()
-        logits[:rows, self._eos[self._eos < logits.shape[-1]]] = float("-inf")
+        logits[:rows, cols] = float("-inf")
         return logits
 
     def choose(self, logits: torch.Tensor, index: int) -> torch.Tensor:
@@ -183,8 +208,7 @@ class Sampler:
         :class:`~.draft_head.VocabSubset`) when given. Returns the token id (full vocabulary), the
         draft's confidence (its top probability) and, for speculative sampling, its distribution over
         the full vocabulary."""
-        if vocab is None:
-            logits = self._suppress(logits[None], index)[0]
+        logits = self._suppress(logits[None], index, vocab)[0]
         if self.mode == "greedy":
             conf, token = torch.softmax(logits, -1).max(0)
             return (token if vocab is None else vocab.ids[token]), conf, None

@@ -46,11 +46,20 @@ def _apply_chat(tokenizer, messages: list[dict], cut: dict | None = None) -> lis
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text pieces that are always whole UTF-8 characters.
+    """Turns a growing list of token ids into text pieces that are always whole UTF-8 characters, and
+    finds stop strings.
 
-    A character split across tokens decodes to U+FFFD until its last byte arrives; such a tail is held
-    back, and so is a tail that could be the start of a stop string. Stop strings are matched on the
-    full text, so one spanning several rounds is still found and never shown.
+    A character split across tokens decodes to U+FFFD until its last byte arrives (one U+FFFD per byte
+    with byte-fallback tokenizers, so the text can *shrink* when the character completes); such a tail
+    is held back, and so is a tail that could be the start of a stop string.
+
+    Stop decisions depend on the token sequence alone, never on how tokens were grouped into rounds:
+    after each token (in order) the text of every token so far is searched for a stop string, from the
+    last point that an earlier token's text had made final (before its trailing U+FFFD run, less the
+    stop string's length). Generation stops at the first token whose text contains a stop string, as
+    ``transformers``' ``stop_strings`` does; the text is cut before the stop string, which is never
+    shown, and the token ids keep the completing token. Only the generated text is searched (a stop
+    string that would begin inside the prompt does not count), as in OpenAI's API.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
@@ -59,6 +68,7 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
+        self.final = 0  # text before this index is final: no later token changes it
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
@@ -73,21 +83,23 @@ class IncrementalDecoder:
         cut_at = None
         for i, t in enumerate(new_ids):
             self.ids.append(t)
-            if self.stop:
-                full = self._decode(self.ids)
-                hit = _find_stop(full, self.stop, len(self.text))
-                if hit is not None:
-                    self.text = full[:hit]
-                    self.stopped = True
-                    cut_at = i
-                    break
+            if not self.stop:
+                continue
+            text = self._decode(self.ids)  # the text of the tokens so far, this token included
+            hit = _find_stop(text, self.stop, self.final)
+            if hit is not None:
+                self.text = text[:hit]
+                self.stopped = True
+                cut_at = i
+                break
+            self.final = _final_length(text)
         if not self.stopped:
             self.text = self._decode(self.ids)
-        stable = len(self.text)
+        stable = _final_length(self.text[self.emitted :]) + self.emitted
         if not self.stopped:
-            while stable > self.emitted and self.text[stable - 1] == "\ufffd":
-                stable -= 1
             stable -= _partial_stop(self.text[:stable], self.stop)
+        else:
+            stable = len(self.text)
         piece = self.text[self.emitted : stable]
         self.emitted = stable
         return piece, cut_at
@@ -97,6 +109,14 @@ class IncrementalDecoder:
         piece = self.text[self.emitted :]
         self.emitted = len(self.text)
         return piece
+
+
+def _final_length(text: str) -> int:
+    """Length of ``text`` without its trailing U+FFFD run (bytes of a character still incomplete)."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    return end
 
 
 def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
@@ -110,11 +130,12 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
-def _find_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:
-    """Earliest start of a stop string in ``text`` that ends beyond ``searched`` characters."""
+def _find_stop(text: str, stops: tuple[str, ...], final: int) -> int | None:
+    """Earliest start of a stop string in ``text`` that ends beyond ``final`` characters (any occurrence
+    ending before was in final text already, and searched then)."""
     best = None
     for s in stops:
-        i = text.find(s, max(0, searched - len(s) + 1))
+        i = text.find(s, max(0, final - len(s) + 1))
         if i >= 0 and (best is None or i < best):
             best = i
     return best

@@ -45,18 +45,19 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def fidelity_reference(methods, a: argparse.Namespace) -> str | None:
-    """What every method's text must equal: greedy, the baseline's; seeded sampling, plain decoding's
-    through the engine (``ar``: position-keyed sampling gives every method that very text; ``hf`` draws
-    its own random numbers and cannot); unseeded sampling, nothing."""
+def fidelity_references(methods, a: argparse.Namespace) -> dict[str, str | None]:
+    """What texts are compared with: ``exact``, plain decoding through the engine (``ar``; greedy, or the
+    same seed: every method must equal it); ``generate``, transformers' generate on an untouched copy
+    (``hf``; greedy only: it draws its own random numbers when sampling)."""
     from ..sampling import GREEDY_BELOW
 
-    if a.temperature < GREEDY_BELOW:
-        return a.baseline
-    if a.seed is None:
-        return None
+    greedy = a.temperature < GREEDY_BELOW
     plain = [m.label for m in methods if m.kind == "ar" and not m.overrides]
-    return plain[0] if plain else None
+    hf = [m.label for m in methods if m.kind == "hf" and not m.overrides]
+    return {
+        "exact": plain[0] if plain and (greedy or a.seed is not None) else None,
+        "generate": hf[0] if hf and greedy else None,
+    }
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -105,6 +106,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
         tasks=tasks,
     )
     model, tokenizer = load(a.model, dtype=a.dtype, device=a.device)
+    plain_model = None
+    if any(m.kind == "hf" for m in methods):  # before the engine touches the model: the generate users have
+        from ..baselines import pristine_copy
+
+        plain_model = pristine_copy(model)
     print(f"{len(questions)} questions x {len(methods)} methods x {a.repeats} repeat(s) -> {out}", file=sys.stderr)
     extra = {"num_layers": model.config.num_hidden_layers, "dtype_resolved": str(model.dtype).replace("torch.", "")}
     static_note = None
@@ -127,12 +133,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     settings.methods = methods
-    rows = run_benchmark(settings, model, tokenizer, log=lambda s: print(s, file=sys.stderr))
+    rows = run_benchmark(settings, model, tokenizer, log=lambda s: print(s, file=sys.stderr), plain_model=plain_model)
     info = json.loads((out / "run.json").read_text())
     info.update(extra)
     if static_note:
         info["static_search"] = static_note
     (out / "run.json").write_text(json.dumps(info, indent=1))
-    summary = write_report(out, rows, a.baseline, fidelity_reference(methods, a), plots=not a.no_plots)
+    summary = write_report(out, rows, a.baseline, fidelity_references(methods, a), plots=not a.no_plots)
     print((out / "summary.md").read_text())
     return 0 if not summary["failed"] else 1

@@ -108,11 +108,15 @@ class TurnResult:
     time_split: dict = field(default_factory=dict)
 
 
-def run_turn(model, tokenizer, spec: MethodSpec, base: GenerationConfig, prompt_ids: list[int]) -> TurnResult:
-    """Generate one answer; time it from the first model call to the last token, for every method alike."""
+def run_turn(
+    model, tokenizer, spec: MethodSpec, base: GenerationConfig, prompt_ids: list[int], plain_model=None
+) -> TurnResult:
+    """Generate one answer; time it from the first model call to the last token, for every method alike.
+    ``hf`` runs on ``plain_model`` (a copy the engine never touched: the ``generate`` users have)."""
     cfg = spec.config(base)
     if spec.kind == HF:
-        ids, seconds = hf_generate(model, tokenizer, prompt_ids, cfg, eos_ids_of(model, tokenizer))
+        target = plain_model if plain_model is not None else model
+        ids, seconds = hf_generate(target, tokenizer, prompt_ids, cfg, eos_ids_of(target, tokenizer))
         text = tokenizer.decode(ids, skip_special_tokens=True)
         return TurnResult(ids, text, seconds, steps=len(ids))
     t0 = time.perf_counter()

@@ -87,10 +87,18 @@ def _stats(
     return out
 
 
-def summarize(rows: list[dict], baseline: str, reference: str | None) -> dict:
-    """Per method, overall and per task: speedup, mean accepted tokens, acceptance, tokens/s, and fidelity:
-    the share of turns whose tokens equal ``reference``'s (greedy: the baseline; seeded sampling: plain
-    decoding ``ar`` under the same seed; ``None``: not applicable)."""
+def summarize(rows: list[dict], baseline: str, references: dict[str, str | None]) -> dict:
+    """Per method, overall and per task: speedup, mean accepted tokens, acceptance, tokens/s, and two
+    fidelity rates, the share of turns whose tokens equal a reference method's:
+
+    - ``match_rate`` against ``references["exact"]``: plain decoding through the same numerics (``ar``),
+      greedy or with the same seed. Every method must score 100%: it is the product's promise.
+    - ``generate_rate`` against ``references["generate"]``: ``transformers``' ``generate`` on a copy of the
+      model the engine never touched (``hf``, greedy only): what users compare with. Other kernels round
+      differently, so this measures how often that shows in the text, not a defect.
+
+    A reference of ``None`` (absent, or not applicable: unseeded sampling; ``hf`` when sampling) gives
+    ``None`` rates."""
     groups = _questions(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     repeats = sorted({k[2] for k in groups}) or [0]
@@ -98,7 +106,14 @@ def summarize(rows: list[dict], baseline: str, reference: str | None) -> dict:
     for (m, q, r), g in groups.items():
         tps[m][(q, r)] = g["tokens"] / g["seconds"] if g["seconds"] > 0 else 0.0
     base_tps = tps.get(baseline, {})
-    summary = {"baseline": baseline, "reference": reference, "methods": {}, "mismatches": {}, "failed": {}}
+    summary = {
+        "baseline": baseline,
+        "references": dict(references),
+        "methods": {},
+        "mismatches": {},
+        "generate_mismatches": {},
+        "failed": {},
+    }
     for m in methods:
         entries = [dict(g, qid=q) for (mm, q, r), g in groups.items() if mm == m]
         by_task = defaultdict(list)
@@ -107,12 +122,16 @@ def summarize(rows: list[dict], baseline: str, reference: str | None) -> dict:
         result = {"overall": _stats(entries, base_tps, tps[m], repeats), "tasks": {}}
         for task in [t for t in TASKS if t in by_task] + sorted(set(by_task) - set(TASKS)):
             result["tasks"][task] = _stats(by_task[task], base_tps, tps[m], repeats)
-        fidelity = _fidelity(groups, m, reference)
-        result["overall"]["match_rate"] = fidelity["rate"]
-        for task, entry in result["tasks"].items():
-            entry["match_rate"] = fidelity["tasks"].get(task)
+        for rate, key, ref in (
+            ("match_rate", "mismatches", references.get("exact")),
+            ("generate_rate", "generate_mismatches", references.get("generate")),
+        ):
+            fidelity = _fidelity(groups, m, ref)
+            result["overall"][rate] = fidelity["rate"]
+            for task, entry in result["tasks"].items():
+                entry[rate] = fidelity["tasks"].get(task)
+            summary[key][m] = fidelity["mismatches"]
         summary["methods"][m] = result
-        summary["mismatches"][m] = fidelity["mismatches"]
         failed = [
             {"question_id": r["question_id"], "turn": r["turn"], "repeat": r["repeat"], "error": r["error"]}
             for r in rows

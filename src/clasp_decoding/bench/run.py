@@ -193,8 +193,9 @@ def _row(
     return row
 
 
-def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print) -> list[dict]:
-    """Run what ``records.jsonl`` does not hold yet; return all records."""
+def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print, plain_model=None) -> list[dict]:
+    """Run what ``records.jsonl`` does not hold yet; return all records. ``plain_model``: an untouched copy of
+    the model for the ``hf`` baseline (:func:`~..baselines.pristine_copy`)."""
     from tqdm.auto import tqdm
 
     rows = prepare_out(settings)
@@ -214,7 +215,7 @@ def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print) -> li
     if settings.warmup:
         warm = encode_prompt(tokenizer, "Say hello.")
         for spec in settings.methods:
-            run_turn(model, tokenizer, spec, base.updated(max_new_tokens=8), warm)
+            run_turn(model, tokenizer, spec, base.updated(max_new_tokens=8), warm, plain_model)
     total = len(settings.questions) * settings.repeats * len(settings.methods)
     bar = tqdm(total=total, initial=total - len(todo), desc="bench", unit="run", dynamic_ncols=True)
     records = (settings.out / RECORDS).open("a", encoding="utf-8")
@@ -228,7 +229,7 @@ def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print) -> li
                     if (spec.label, str(q.id), rep) in done:
                         continue
                     cfg = base if base.seed is None else base.updated(seed=base.seed + index * 1000 + rep)
-                    new = _run_question(model, tokenizer, spec, cfg, q, rep)
+                    new = _run_question(model, tokenizer, spec, cfg, q, rep, plain_model)
                     for r in new:
                         records.write(json.dumps(r) + "\n")
                     records.flush()
@@ -241,7 +242,9 @@ def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print) -> li
     return rows
 
 
-def _run_question(model, tokenizer, spec: MethodSpec, cfg: GenerationConfig, q: Question, rep: int) -> list[dict]:
+def _run_question(
+    model, tokenizer, spec: MethodSpec, cfg: GenerationConfig, q: Question, rep: int, plain_model=None
+) -> list[dict]:
     """All turns of one question; the conversation carries the method's own earlier answers."""
     messages: list[dict] = []
     out = []
@@ -250,7 +253,7 @@ def _run_question(model, tokenizer, spec: MethodSpec, cfg: GenerationConfig, q: 
         prompt_ids: list[int] = []
         try:
             prompt_ids = encode_prompt(tokenizer, messages)
-            res = run_turn(model, tokenizer, spec, cfg, prompt_ids)
+            res = run_turn(model, tokenizer, spec, cfg, prompt_ids, plain_model)
         except Exception as e:  # recorded, and the run goes on
             err = f"{type(e).__name__}: {e}"
             if not isinstance(e, (ValueError, RuntimeError)):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from ..costs import EMA
 from .base import Source
 
 PAY_MARGIN = 1.05
@@ -47,16 +48,6 @@ factor: below it, timing noise decides, and probing costs more than it can find.
 LENGTH_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 """Lookup draft lengths the controller chooses among (plus the whole match when it is shorter): few
 enough that each gets its verification time measured."""
-
-
-class EMA:
-    """An exponentially weighted mean that knows whether it has seen anything."""
-
-    def __init__(self, decay: float = 0.8, value: float | None = None) -> None:
-        self.decay, self.value = decay, value
-
-    def update(self, x: float) -> None:
-        self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
 
 
 def match_bin(length: int) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from ..draft_head import VocabSubset
 from ..layer_select import clasp_dp, every_other_middle
-from ..quant import draft_modules, resolve
+from ..quant import draft_modules, resolve, sample_layer
 from .base import Draft, Drafter, Outcome, Selection, Source
 
 if TYPE_CHECKING:
@@ -39,12 +39,14 @@ class LayerSkipDrafter(Drafter):
         return self.dynamic
 
     def warm_up(self, model: ModelState, config: GenerationConfig) -> None:
-        """Quantized copies of the layers, made once per model (before any cache is in use)."""
-        quant = resolve(config.draft_quant, model.runner.device)
+        """Quantized copies of the layers, made once per model (before any cache is in use), and whatever
+        the runner prepares to run them (the graph runner's graphs)."""
+        quant = resolve(config.draft_quant, model.runner.device, sample_layer(model.runner))
         if quant != "none":
             vocab = model.runner.vocab_size
             limit = config.draft_vocab if 0 < config.draft_vocab < vocab else vocab
-            draft_modules(model, quant, VocabSubset(model.runner.head, limit))
+            layers, _ = draft_modules(model, quant, VocabSubset(model.runner.head, limit))
+            model.runner.prepare(layers)
 
     def prepare(self, state: DecodeState, num_skip: int | None = None) -> Selection | None:
         """This generation's draft: skip count, draft head, quantized layers; a fixed skip set if the
@@ -54,7 +56,7 @@ class LayerSkipDrafter(Drafter):
         self.num_skip = num_skip if num_skip is not None else cfg.num_skipped(runner.num_layers)
         if cfg.draft_vocab and cfg.draft_vocab < runner.vocab_size:
             self.vocab = VocabSubset(runner.head, cfg.draft_vocab, state.tokens)
-        self.quant = resolve(cfg.draft_quant, runner.device)
+        self.quant = resolve(cfg.draft_quant, runner.device, sample_layer(runner))
         if self.quant != "none":
             self.modules, self.vocab = draft_modules(state.model, self.quant, self.vocab)
         if cfg.skip_layers is not None:

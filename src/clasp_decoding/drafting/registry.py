@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ..config import METHOD_NAMES, GenerationConfig
 from .base import Drafter, NoDraft
 from .hybrid import HybridDrafter
 from .layer_skip import LayerSkipDrafter
 from .lookup import PromptLookupDrafter
-
-if TYPE_CHECKING:
-    from ..config import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,9 @@ METHODS: dict[str, Method] = {
     )
 }
 """Every drafting method, the default first."""
+
+if tuple(METHODS) != METHOD_NAMES:  # the configuration's vocabulary and this table must agree
+    raise ImportError(f"drafting methods {tuple(METHODS)} differ from config.METHOD_NAMES {METHOD_NAMES}")
 
 
 def make_drafter(config: GenerationConfig) -> Drafter:

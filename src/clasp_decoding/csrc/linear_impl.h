@@ -1,0 +1,231 @@
+// The blocked driver shared by every ISA (included once per ISA file, inside that ISA's namespace and
+// target region). The ISA file defines, before including this header, one ops struct per weight kind:
+//
+//   struct Ops { using X; using W; using WV; using XV; using Acc;
+//                static constexpr int KSTEP;               // elements of K per vector step
+//                static Acc zero(); static float reduce(Acc);
+//                static WV load_w(const W*); static WV load_w_tail(const W*, int n);
+//                static XV load_x(const X*); static XV load_x_tail(const X*, int n);
+//                static Acc fma(Acc, XV, WV); };
+//
+// and the constants MB (rows of x per micro-kernel) and NB (output features per micro-kernel). Each
+// output element's sum runs over K in KSTEP-wide lanes, in K order, then one fixed lane reduction: the
+// same operations whichever micro-kernel shape, row block or thread computes it, so rows are invariant.
+
+#define CLASP_INLINE inline __attribute__((always_inline))
+
+template <class O, int mb, int nb>
+CLASP_INLINE void micro(const typename O::X* x, int64_t K, const typename O::W* w, int64_t ldw, int64_t k0, int64_t k1,
+                        typename O::Acc* state, bool resume, float* res, const char* pf, int64_t pf_row_bytes) {
+  // Sums over [k0, k1); starts from ``state`` when resuming a K-chunked sum; ends by reducing into ``res``
+  // (the last chunk) or by saving the lanes into ``state``. Chunking never changes the lanes' sequence.
+  typename O::Acc acc[mb][nb];
+#pragma GCC unroll 8
+  for (int i = 0; i < mb; i++)
+#pragma GCC unroll 8
+    for (int j = 0; j < nb; j++) acc[i][j] = resume ? state[i * NB + j] : O::zero();
+  int64_t k = k0;
+  for (; k + O::KSTEP <= k1; k += O::KSTEP) {
+    if (pf) {
+#pragma GCC unroll 8
+      for (int j = 0; j < nb; j++)
+        __builtin_prefetch(pf + j * pf_row_bytes + k * (int64_t)sizeof(typename O::W), 0, 3);
+    }
+    typename O::WV wv[nb];
+#pragma GCC unroll 8
+    for (int j = 0; j < nb; j++) wv[j] = O::load_w(w + j * ldw + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < mb; i++) {
+      typename O::XV xv = O::load_x(x + i * K + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < nb; j++) acc[i][j] = O::fma(acc[i][j], xv, wv[j]);
+    }
+  }
+  if (k < k1) {  // only in the last chunk: the remainder of K, zero-padded
+    const int r = static_cast<int>(k1 - k);
+    typename O::WV wv[nb];
+    for (int j = 0; j < nb; j++) wv[j] = O::load_w_tail(w + j * ldw + k, r);
+    for (int i = 0; i < mb; i++) {
+      typename O::XV xv = O::load_x_tail(x + i * K + k, r);
+      for (int j = 0; j < nb; j++) acc[i][j] = O::fma(acc[i][j], xv, wv[j]);
+    }
+  }
+  if (res) {
+#pragma GCC unroll 8
+    for (int i = 0; i < mb; i++)
+#pragma GCC unroll 8
+      for (int j = 0; j < nb; j++) res[i * NB + j] = O::reduce(acc[i][j]);
+  } else {
+    for (int i = 0; i < mb; i++)
+      for (int j = 0; j < nb; j++) state[i * NB + j] = acc[i][j];
+  }
+}
+
+// One block of output features [n, n + nb) against rows [m, m + mb): picks the micro-kernel instance.
+template <class O, int mb>
+CLASP_INLINE void rows(const typename O::X* x, int64_t K, const typename O::W* w, int64_t ldw, int nb, int64_t k0,
+                       int64_t k1, typename O::Acc* state, bool resume, float* res, const char* pf,
+                       int64_t pf_row_bytes) {
+  if (nb == NB) {
+    micro<O, mb, NB>(x, K, w, ldw, k0, k1, state, resume, res, pf, pf_row_bytes);
+  } else {
+    for (int j = 0; j < nb; j++) {  // the last few features, one at a time (the same sums)
+      float one[MB * NB];
+      micro<O, mb, 1>(x, K, w + j * ldw, ldw, k0, k1, state + j, resume, res ? one : nullptr, nullptr, 0);
+      if (res)
+        for (int i = 0; i < mb; i++) res[i * NB + j] = one[i * NB];
+    }
+  }
+}
+
+// rows<O, mb> for a row count known only at run time (1 <= mb <= top).
+template <class O, int top>
+CLASP_INLINE void rows_of(int mb, const typename O::X* x, int64_t K, const typename O::W* w, int64_t ldw, int nb,
+                          int64_t k0, int64_t k1, typename O::Acc* state, bool resume, float* res, const char* pf,
+                          int64_t pf_row_bytes) {
+  if constexpr (top >= 1) {
+    if (mb == top)
+      rows<O, top>(x, K, w, ldw, nb, k0, k1, state, resume, res, pf, pf_row_bytes);
+    else
+      rows_of<O, top - 1>(mb, x, K, w, ldw, nb, k0, k1, state, resume, res, pf, pf_row_bytes);
+  }
+}
+
+constexpr int64_t KCHUNK_BYTES = 1024;   // K-chunk of x per row when the rows do not fit in cache at once
+constexpr int64_t WHOLE_X_BYTES = 512 << 10;  // about half of a core's L2 on the CPUs measured
+
+template <class O>
+void run(const LinearArgs& a, int64_t n0, int64_t n1) {
+  using X = typename O::X;
+  using W = typename O::W;
+  using Acc = typename O::Acc;
+  const X* x = static_cast<const X*>(a.x);
+  const W* w = static_cast<const W*>(a.w);
+  const int64_t K = a.K, M = a.M;
+  const int64_t row_bytes = K * (int64_t)sizeof(W);
+  // Few rows: each block of weights meets all rows over the whole of K. Many rows: K in chunks, so that
+  // the chunk of every row stays in cache while the block's weights are reused (partial sums kept).
+  const int64_t kc = M * K * (int64_t)sizeof(X) <= WHOLE_X_BYTES ? K : KCHUNK_BYTES / (int64_t)sizeof(X);
+  std::unique_ptr<Acc[]> state(kc < K ? new Acc[M * NB] : nullptr);
+  float res[MB * NB];
+  for (int64_t n = n0; n < n1; n += NB) {
+    const int nb = static_cast<int>(n1 - n < NB ? n1 - n : NB);
+    // Prefetch the next block of weights while this one is used (the first row block streams them).
+    const char* pf = n + 2 * NB <= n1 ? reinterpret_cast<const char*>(w + (n + NB) * K) : nullptr;
+    const W* wn = w + n * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t k1 = k0 + kc < K ? k0 + kc : K;
+      const bool last = k1 == K;
+      for (int64_t m = 0; m < M; m += MB) {
+        const int mb = static_cast<int>(M - m < MB ? M - m : MB);
+        Acc* st = state ? state.get() + m * NB : nullptr;
+        rows_of<O, MB>(mb, x + m * K, K, wn, K, nb, k0, k1, st, k0 > 0, last ? res : nullptr, m == 0 ? pf : nullptr,
+                       row_bytes);
+        if (last)
+          for (int i = 0; i < mb; i++)
+            for (int j = 0; j < nb; j++) store(a, m + i, n + j, res[i * NB + j]);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- int4, grouped
+//
+// Packed as in quant.py: per 64-element block of a row, 32 bytes; byte j holds element j (low nibble)
+// and element j + 32 (high nibble). w = q * scale[group] + zero[group], so a group contributes
+// scale * sum(x * q) + zero * sum(x): the first from the block's exact small integers, the second from
+// per-row sums of x made once per call (the same for every output feature). The ISA supplies
+//   struct Q4 { using WV; static constexpr int V = 64 / KSTEP; static void unpack(const uint8_t*, WV*);
+//               static Acc scale_add(Acc tot, Acc grp, float s); };
+// working with the X loads and fma of its BF16 (or F32) ops struct XO.
+
+template <class XO, class Q, int mb, int nb>
+CLASP_INLINE void micro_i4(const typename XO::X* x, int64_t K, const uint8_t* w, int64_t ldw, int64_t group,
+                           const float* scale, const float* zero, int64_t ldg, const typename XO::Acc* xsum,
+                           float* res) {
+  using Acc = typename XO::Acc;
+  const int64_t groups = K / group;
+  Acc tot[mb][nb];
+  for (int i = 0; i < mb; i++)
+    for (int j = 0; j < nb; j++) tot[i][j] = XO::zero();
+  for (int64_t g = 0; g < groups; g++) {
+    Acc acc[mb][nb];
+#pragma GCC unroll 8
+    for (int i = 0; i < mb; i++)
+#pragma GCC unroll 8
+      for (int j = 0; j < nb; j++) acc[i][j] = XO::zero();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+      typename Q::WV wv[nb][Q::V];
+#pragma GCC unroll 8
+      for (int j = 0; j < nb; j++) Q::unpack(w + j * ldw + k / 2, wv[j]);
+#pragma GCC unroll 8
+      for (int i = 0; i < mb; i++) {
+#pragma GCC unroll 8
+        for (int v = 0; v < Q::V; v++) {
+          typename XO::XV xv = XO::load_x(x + i * K + k + v * XO::KSTEP);
+#pragma GCC unroll 8
+          for (int j = 0; j < nb; j++) acc[i][j] = Q::fma(acc[i][j], xv, wv[j][v]);
+        }
+      }
+    }
+    for (int i = 0; i < mb; i++)
+      for (int j = 0; j < nb; j++) {
+        tot[i][j] = Q::scale_add(tot[i][j], acc[i][j], scale[j * ldg + g]);
+        tot[i][j] = Q::scale_add(tot[i][j], xsum[i * groups + g], zero[j * ldg + g]);
+      }
+  }
+  for (int i = 0; i < mb; i++)
+    for (int j = 0; j < nb; j++) res[i * NB + j] = XO::reduce(tot[i][j]);
+}
+
+template <class XO, class Q, int mb>
+CLASP_INLINE void rows_i4(const typename XO::X* x, int64_t K, const uint8_t* w, int64_t ldw, int64_t group,
+                          const float* scale, const float* zero, int64_t ldg, const typename XO::Acc* xsum, int nb,
+                          float* res) {
+  if (nb == NB_I4) {
+    micro_i4<XO, Q, mb, NB_I4>(x, K, w, ldw, group, scale, zero, ldg, xsum, res);
+  } else {
+    float one[MB * NB];
+    for (int j = 0; j < nb; j++) {
+      micro_i4<XO, Q, mb, 1>(x, K, w + j * ldw, ldw, group, scale + j * ldg, zero + j * ldg, ldg, xsum, one);
+      for (int i = 0; i < mb; i++) res[i * NB + j] = one[i * NB];
+    }
+  }
+}
+
+template <class XO, class Q>
+void run_i4(const LinearArgs& a, int64_t n0, int64_t n1) {
+  using X = typename XO::X;
+  using Acc = typename XO::Acc;
+  const X* x = static_cast<const X*>(a.x);
+  const uint8_t* w = static_cast<const uint8_t*>(a.w);
+  const int64_t K = a.K, M = a.M, group = a.group, groups = K / group, ldw = K / 2;
+  // Per-row, per-group sums of x in the accumulators' lane layout (x times a vector of ones).
+  std::unique_ptr<Acc[]> sums(new Acc[M * groups]);
+  Acc* xsum = sums.get();
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t g = 0; g < groups; g++) {
+      Acc s = XO::zero();
+      for (int64_t k = g * group; k < (g + 1) * group; k += XO::KSTEP)
+        s = Q::fma(s, XO::load_x(x + m * K + k), Q::ones());
+      xsum[m * groups + g] = s;
+    }
+  float res[MB * NB];
+  for (int64_t n = n0; n < n1; n += NB_I4) {
+    const int nb = static_cast<int>(n1 - n < NB_I4 ? n1 - n : NB_I4);
+    const uint8_t* wn = w + n * ldw;
+    const float* sc = a.scale + n * groups;
+    const float* zr = a.zero + n * groups;
+    for (int64_t m = 0; m < M; m += MB_I4) {
+      const int mb = static_cast<int>(M - m < MB_I4 ? M - m : MB_I4);
+      const X* xm = x + m * K;
+      const Acc* xs = xsum + m * groups;
+      if (mb == MB_I4)
+        rows_i4<XO, Q, MB_I4>(xm, K, wn, ldw, group, sc, zr, groups, xs, nb, res);
+      else
+        rows_i4<XO, Q, 1>(xm, K, wn, ldw, group, sc, zr, groups, xs, nb, res);
+      for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) store(a, m + i, n + j, res[i * NB + j]);
+    }
+  }
+}

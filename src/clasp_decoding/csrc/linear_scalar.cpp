@@ -1,0 +1,73 @@
+// Portable kernels (any CPU): plain loops in fp32. Slow, but exact to the same contract as the vector
+// kernels (each output one dot product in K order), so rows stay invariant on any machine.
+#include <memory>
+
+#include "linear.h"
+
+namespace clasp {
+namespace scalar {
+
+constexpr int MB = 1, NB = 4, MB_I4 = 1, NB_I4 = 4;
+
+struct Base {
+  using X = float;
+  using XV = float;
+  using Acc = float;
+  static constexpr int KSTEP = 1;
+  static inline Acc zero() { return 0.0f; }
+  static inline float reduce(Acc a) { return a; }
+  static inline XV load_x(const X* p) { return *p; }
+  static inline XV load_x_tail(const X* p, int) { return *p; }
+  static inline Acc fma(Acc a, XV x, float w) { return a + x * w; }  // built without fp contraction
+};
+
+struct BF16 : Base {
+  using W = uint16_t;
+  using WV = float;
+  static inline WV load_w(const W* p) { return from_bf16(*p); }
+  static inline WV load_w_tail(const W* p, int) { return from_bf16(*p); }
+};
+
+struct F32 : Base {
+  using W = float;
+  using WV = float;
+  static inline WV load_w(const W* p) { return *p; }
+  static inline WV load_w_tail(const W* p, int) { return *p; }
+};
+
+struct I8 : Base {
+  using W = int8_t;
+  using WV = float;
+  static inline WV load_w(const W* p) { return static_cast<float>(*p); }
+  static inline WV load_w_tail(const W* p, int) { return static_cast<float>(*p); }
+};
+
+struct Q4 {
+  using WV = float;
+  static constexpr int V = 64;
+  static inline void unpack(const uint8_t* p, WV* out) {
+    for (int j = 0; j < 32; j++) {
+      out[j] = static_cast<float>(p[j] & 15);
+      out[32 + j] = static_cast<float>(p[j] >> 4);
+    }
+  }
+  static inline float ones() { return 1.0f; }
+  static inline float fma(float a, float x, float w) { return a + x * w; }
+  static inline float scale_add(float tot, float grp, float s) { return tot + grp * s; }
+};
+
+#include "linear_impl.h"
+
+bool x_is_bf16(WeightKind) { return false; }
+
+void linear(const LinearArgs& a, int64_t n0, int64_t n1) {
+  switch (a.kind) {
+    case WeightKind::BF16: run<BF16>(a, n0, n1); break;
+    case WeightKind::F32: run<F32>(a, n0, n1); break;
+    case WeightKind::I8: run<I8>(a, n0, n1); break;
+    case WeightKind::I4: run_i4<Base, Q4>(a, n0, n1); break;
+  }
+}
+
+}  // namespace scalar
+}  // namespace clasp

@@ -1,0 +1,162 @@
+"""The compiled CPU kernels: row invariance (bit for bit, every row count, every instruction set this CPU
+runs), agreement with torch within bf16 rounding, the quantized variants, and the fallback without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clasp_decoding import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the kernels could not be built here")
+
+SHAPES = {  # (out, in) of every distinct linear layer of the built-in models (the heads checked apart)
+    "qwen2.5-0.5b": [(896, 896), (128, 896), (4864, 896), (896, 4864)],
+    "qwen2.5-1.5b": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960)],
+    "smollm2-135m": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "gemma3-270m": [(1024, 640), (256, 640), (640, 1024), (2048, 640), (640, 2048)],
+}
+HEADS = [(151936, 896), (49152, 576)]
+ROWS = range(1, 65)
+
+
+def vector_isas() -> list[str]:
+    return [i for i in kernels.isas() if i != "scalar"]
+
+
+def assert_rows_invariant(f, x: torch.Tensor, rows=ROWS) -> torch.Tensor:
+    """Every row of every batch equals that row computed alone."""
+    alone = torch.cat([f(x[i : i + 1]) for i in range(x.shape[0])])
+    for m in rows:
+        got = f(x[:m])
+        assert torch.equal(got, alone[:m]), f"{m} rows differ from single rows"
+    return alone
+
+
+@pytest.mark.parametrize("model", list(SHAPES))
+def test_bf16_rows_are_bit_identical_for_every_row_count(model):
+    g = torch.Generator().manual_seed(1)
+    for isa in vector_isas():
+        for n, k in SHAPES[model]:
+            w = torch.randn(n, k, generator=g).bfloat16()
+            bias = torch.randn(n, generator=g).bfloat16() if n in (128, 256, 896, 1536) else None
+            x = torch.randn(64, k, generator=g).bfloat16()
+            out = assert_rows_invariant(lambda t, w=w, b=bias, isa=isa: kernels.linear(t, w, b, isa), x)
+            ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+            # fp32 sums in another order, then one bf16 rounding: within a bf16 ulp of the exact value
+            torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-2)
+
+
+def test_heads_and_the_slow_paths():
+    """The vocabulary heads on the best instruction set (a few row counts: they are big), and the portable
+    kernel on small shapes (it is slow)."""
+    g = torch.Generator().manual_seed(2)
+    for n, k in HEADS:
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(9, k, generator=g).bfloat16()
+        assert_rows_invariant(lambda t, w=w: kernels.linear(t, w), x, rows=(1, 2, 5, 8, 9))
+    w = torch.randn(100, 200, generator=g).bfloat16()
+    x = torch.randn(33, 200, generator=g).bfloat16()
+    assert_rows_invariant(lambda t: kernels.linear(t, w, None, "scalar"), x, rows=(1, 2, 3, 17, 33))
+
+
+@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+def test_every_instruction_set_handles_odd_shapes_and_fp32(isa):
+    """Widths that are not multiples of any vector or block (tails), 3D inputs, bias, and fp32 weights."""
+    g = torch.Generator().manual_seed(3)
+    for n, k in [(1, 1), (5, 7), (17, 33), (37, 100), (130, 257)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            w = torch.randn(n, k, generator=g).to(dtype)
+            b = torch.randn(n, generator=g).to(dtype)
+            x = torch.randn(2, 35, k, generator=g).to(dtype)
+            out = kernels.linear(x, w, b, isa)
+            assert out.shape == (2, 35, n) and out.dtype == dtype
+            flat = x.reshape(70, k)
+            assert_rows_invariant(lambda t, w=w, b=b: kernels.linear(t, w, b, isa), flat, rows=(1, 2, 3, 5, 8, 70))
+            ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+            tol = dict(rtol=2**-7, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(out.double(), ref, **tol)
+
+
+@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+def test_quantized_kernels_match_their_dequantized_weights(isa):
+    g = torch.Generator().manual_seed(4)
+    for n, k in [(96, 128), (33, 256), (64, 896)]:
+        w = torch.randn(n, k, generator=g)
+        x = torch.randn(40, k, generator=g).bfloat16()
+        b = torch.randn(n, generator=g).bfloat16()
+        scale = w.abs().amax(1) / 127
+        q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        out = assert_rows_invariant(
+            lambda t, q=q, scale=scale, b=b: kernels.linear_int8(t, q, scale, b, isa), x, rows=(1, 2, 5, 40)
+        )
+        ref = torch.nn.functional.linear(x.double(), (q.double() * scale.double()[:, None]), b.double())
+        torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=2e-2)
+        for group in (64, 128):
+            if k % group:
+                continue
+            packed, s, z = kernels.pack_int4(w, group)
+            out = assert_rows_invariant(
+                lambda t, p=packed, s=s, z=z, gr=group, b=b: kernels.linear_int4(t, p, s, z, gr, b, isa),
+                x,
+                rows=(1, 3, 40),
+            )
+            ref = torch.nn.functional.linear(x.double(), kernels.unpack_int4(packed, s, z, group).double(), b.double())
+            torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=2e-2)
+            assert (kernels.unpack_int4(packed, s, z, group) - w).abs().max() <= s.max() / 2 + 1e-6
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    w = torch.randn(8, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="x has 15 features, the weight 16"):
+        kernels.linear(torch.randn(2, 15).bfloat16(), w)
+    with pytest.raises(RuntimeError, match="x must be bfloat16"):
+        kernels.linear(torch.randn(2, 16), w)
+    with pytest.raises(RuntimeError, match="not supported by this CPU|instruction set 'neon'"):
+        kernels.linear(torch.randn(2, 16).bfloat16(), w, None, "neon")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kernels.pack_int4(torch.randn(8, 96), 32)
+
+
+def test_without_kernels_torch_runs_and_output_stays_exact(tmp_path):
+    """CLASP_KERNELS=0 (as where no compiler exists): said once, torch's kernels with padding run, and
+    greedy output still equals transformers' generate on the same model."""
+    code = """
+import warnings
+from clasp_decoding import kernels
+from conftest import tiny_model, hf_greedy, random_prompt, run_tokens
+from clasp_decoding.config import GenerationConfig
+from clasp_decoding.context import runner_for
+import torch
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    assert not kernels.available() and not kernels.available()
+assert sum("CPU kernels are unavailable" in str(w.message) for w in seen) == 1, [str(w.message) for w in seen]
+model = tiny_model("qwen2", seed=2, dtype=torch.bfloat16)
+prompt = random_prompt(3, 9)
+ref = hf_greedy(model, prompt, 24)
+out, _ = run_tokens(model, prompt, GenerationConfig(max_new_tokens=24, method="clasp", num_skip=2))
+assert out == ref
+assert runner_for(model).numerics.linear_mode in ("padded", "invariant"), runner_for(model).numerics
+print("ok")
+"""
+    env = dict(os.environ, CLASP_KERNELS="0", PYTHONPATH=os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_the_model_runs_on_the_kernels():
+    """After installation every bf16/fp32 linear layer of a CPU model is the kernel's, and the numerics
+    report says so: verification has no row cap."""
+    from clasp_decoding.context import runner_for
+    from conftest import tiny_model
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    runner = runner_for(model)
+    assert runner.numerics.linear_mode == "kernel" and runner.numerics.max_verify_drafts >= 1000
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all("forward" in m.__dict__ for m in linears)
