@@ -109,7 +109,12 @@ def random_prompt(seed: int, length: int, vocab: int = 97) -> list[int]:
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos=None) -> list[int]:
-    """transformers' own greedy generate: the reference every greedy test compares with."""
+    """transformers' own greedy generate, on the model with the project's numerics installed (its linear
+    and attention kernels): the reference every greedy test compares with. (An untouched model computes
+    with torch's kernels instead; how often that changes the text is measured, not tested: docs/numerics.md.)"""
+    from clasp_decoding.numerics import install
+
+    install(model)
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([prompt]),

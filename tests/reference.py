@@ -88,9 +88,13 @@ def reference_generate(
     stop: tuple[str, ...] = (),
     tokenizer=None,
 ) -> list[int]:
-    """The new tokens of plain decoding: one forward pass per token over a full ``DynamicCache``."""
+    """The new tokens of plain decoding: one forward pass per token over a full ``DynamicCache``, on the
+    model with the project's numerics installed (its kernels: the engine's arithmetic, not its loop)."""
     from transformers import DynamicCache
 
+    from clasp_decoding.numerics import install
+
+    install(model)
     cache = DynamicCache()
     ids = list(prompt)
     out: list[int] = []

@@ -67,10 +67,35 @@ def test_a_freed_or_resized_buffer_is_an_error_at_replay():
         g2.replay()
 
 
-def test_a_host_sync_inside_a_capture_is_an_error():
+@pytest.mark.parametrize(
+    "sync",
+    [
+        lambda x: float(x.sum()),
+        lambda x: x.tolist(),
+        lambda x: x.cpu(),
+        lambda x: x.nonzero(),
+        lambda x: x[x > 0],
+        lambda x: torch.equal(x, x),
+        lambda x: x.unique(),
+    ],
+)
+def test_a_host_sync_inside_a_capture_is_an_error(sync):
     x = torch.ones(3)
     with pytest.raises(ge.GraphError, match="host sync"), ge.graph(ge.CUDAGraph()):
-        float(x.sum())
+        sync(x)
+    assert x.tolist() == [1.0, 1.0, 1.0]  # and outside a capture everything is back
+
+
+def test_what_a_capture_allocates_is_garbage_until_a_replay_writes_it():
+    x = torch.ones(3)
+    held = {}
+    g = capture(lambda: held.setdefault("y", x * 3))
+    assert torch.isnan(held["y"]).all()  # read before any replay: not a value
+    g.replay()
+    assert torch.equal(held["y"], torch.full((3,), 3.0))
+    x.fill_(2)
+    g.replay()
+    assert torch.equal(held["y"], torch.full((3,), 6.0))  # every replay overwrites the graph's memory
 
 
 # ----------------------------------------------------------------------------- every graph, bit for bit

@@ -171,6 +171,44 @@ def test_skip_count_explores_then_exploits():
     assert c.choose_num_skip(2) == 4
 
 
+def test_the_hybrid_keeps_up_with_its_best_part():
+    """On simulated machines and texts where layer skipping, prompt lookup, both or neither pay, the
+    hybrid's tokens per second stay near the best fixed strategy's (plain, clasp alone, lookup alone)."""
+    from controller_sim import SCENARIOS, compare
+
+    ratios = {}
+    for name, (machine, text) in SCENARIOS.items():
+        r = compare(machine, text, seeds=range(6))
+        ratios[name] = r["hybrid"] / max(r["plain"], r["clasp"], r["pld"])
+    assert min(ratios.values()) >= 0.9 and sum(ratios.values()) / len(ratios) >= 0.97, ratios
+
+
+def test_copy_rates_learned_on_other_text_are_dropped_within_a_few_rounds():
+    """Estimates from a text where copies went on for long carry over; on a text where they fail at once,
+    lookups stop within a few rounds (once: twenty rounds of nearly nothing accepted)."""
+    from controller_sim import Machine, Segment, play
+
+    machine = Machine()
+    state = ControllerState()
+    play("hybrid", machine, [Segment(300, p_match=0.9, match=3, copy=0.9)], state=state)
+    assert state.lookup.rate(3) > 0.8
+    trace: list = []
+    play("hybrid", machine, [Segment(60, p_match=0.9, match=3, copy=0.02)], state=state, trace=trace)
+    first = next(i for i, src in enumerate(trace) if src is not Source.LOOKUP)
+    assert first <= 6, trace  # a few rounds to see it
+    assert trace[first:].count(Source.LOOKUP) <= len(trace[first:]) // 8, trace  # then only probes
+
+
+def test_layer_skipping_is_dropped_when_the_text_turns_against_it():
+    from controller_sim import BENCH_LIKE, GOOD, POOR, Segment, play
+
+    trace: list = []
+    text = [Segment(120, p_match=0.0, accept=GOOD), Segment(120, p_match=0.0, accept=POOR)]
+    play("hybrid", BENCH_LIKE, text, trace=trace)
+    assert trace[20:120].count(Source.LAYER_SKIP) >= 60  # it pays: used most of the time
+    assert trace[140:240].count(Source.LAYER_SKIP) <= 25  # it stopped paying: dropped, probed now and then
+
+
 def test_lookup_reports_how_long_the_match_really_is():
     def lookup(tokens):
         return NgramIndex(1, 2).lookup(tokens, 4)

@@ -16,7 +16,7 @@ from clasp_decoding.baselines import pristine_copy
 from clasp_decoding.config import GenerationConfig
 from clasp_decoding.context import model_state, use_graphs
 from clasp_decoding.numerics import _kernel_forward
-from conftest import hf_greedy, random_prompt, run_tokens, tiny_model
+from conftest import random_prompt, run_tokens, tiny_model
 
 
 def installed_anything(model) -> bool:
@@ -24,6 +24,16 @@ def installed_anything(model) -> bool:
     kernel = any(getattr(m.__dict__.get("forward"), "__func__", None) is _kernel_forward for m in linears)
     hooks = any(m._forward_pre_hooks or m._forward_hooks for m in linears)
     return kernel or hooks or model.config._attn_implementation.startswith("clasp_")
+
+
+def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' generate on the model as it is (no installation)."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=n,
+            do_sample=False, pad_token_id=0, top_k=None, top_p=None, temperature=None,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
 
 
 def logits(model, ids):
@@ -38,11 +48,11 @@ def test_restore_gives_the_model_back_as_loaded():
     before = logits(model, prompt)
     out, _ = run_tokens(model, prompt, GenerationConfig(max_new_tokens=20, method="clasp", num_skip=2))
     assert installed_anything(model)
-    assert out == hf_greedy(model, prompt, 20)  # the installed model's generate is the exact reference
+    assert out == plain_greedy(model, prompt, 20)  # the installed model's generate is the exact reference
     assert restore(model) is True and not installed_anything(model)
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(logits(model, prompt), before) and torch.equal(logits(untouched, prompt), before)
-    assert hf_greedy(model, prompt, 20) == hf_greedy(untouched, prompt, 20)
+    assert plain_greedy(model, prompt, 20) == plain_greedy(untouched, prompt, 20)
     assert restore(model) is False  # nothing left to undo
     again, _ = run_tokens(model, prompt, GenerationConfig(max_new_tokens=20, method="clasp", num_skip=2))
     assert again == out and installed_anything(model)  # installed again on next use

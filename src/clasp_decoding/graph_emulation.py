@@ -10,7 +10,13 @@
   change (a reassigned attribute, a branch taken differently) does not reach a replay, as on a GPU;
 - a tensor the capture used that was freed, reallocated or resized since is an error at replay (CUDA
   would read or write freed memory): each is checked by weak reference, storage pointer and shape;
-- a host sync (``.item()``, ``.tolist()``) inside a capture is an error, as on a GPU.
+- tensors the capture allocated hold garbage (NaN) until the first replay, and each replay's results,
+  as on a GPU where they live in the graph's memory pool and every replay overwrites them;
+- a host sync (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``nonzero``, boolean masks, ``unique``,
+  ``equal``) inside a capture is an error, as on a GPU.
+
+What it does not model: streams and devices (a CPU tensor inside a CUDA graph), memory shared between
+graphs of one pool, and capture errors raised by other threads.
 
 Switched on by ``CLASP_EMULATE_CUDA_GRAPHS=1``: the graph runner then captures on the CPU through
 :data:`API` exactly as it does on CUDA through ``torch.cuda``. The same objects stand in for
@@ -99,6 +105,26 @@ def _written(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return out
 
 
+_SYNCING = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_consecutive.default,
+    torch.ops.aten.unique_dim.default,
+}
+"""Operations whose result size or value needs the device's data on the host: illegal in a capture."""
+
+
+def _host_read(name: str):
+    def refuse(self, *args, **kwargs):
+        raise GraphError(f"a host sync (Tensor.{name}) inside a graph capture")
+
+    return refuse
+
+
 class _Recorder(TorchDispatchMode):
     """Records every operation of a capture; puts back what it wrote into tensors made before it."""
 
@@ -117,8 +143,8 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise GraphError("a host sync (.item(), .tolist(), int(tensor)) inside a graph capture")
+        if func in _SYNCING or (func is torch.ops.aten.index.Tensor and _bool_index(args)):
+            raise GraphError(f"a host sync ({func}) inside a graph capture")
         for t in _written(func, args, kwargs):
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
@@ -141,10 +167,22 @@ class _Recorder(TorchDispatchMode):
         return out
 
     def undo(self) -> None:
-        """Put back every tensor made before the capture that it wrote: a capture runs nothing."""
+        """Put back every tensor made before the capture that it wrote (a capture runs nothing), and fill
+        what it allocated with NaN (garbage until a replay writes it)."""
         for storage, copy in self.saved.values():
             storage.copy_(copy)
         self.saved.clear()
+        for t in self.results():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+
+    def results(self) -> list[torch.Tensor]:
+        """The tensors the capture allocated (not views of something else), which replays overwrite."""
+        return [t for t in self.keep if t._base is None and t.untyped_storage().data_ptr() in self.fresh]
+
+
+def _bool_index(args) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in tree_flatten(args[1:])[0])
 
 
 class CUDAGraph:
@@ -153,6 +191,7 @@ class CUDAGraph:
     def __init__(self) -> None:
         self.records: list[_Record] | None = None
         self._keep: list[torch.Tensor] = []
+        self._outputs: list[tuple[int, int, torch.Tensor]] = []  # (record, output, the capture's tensor)
         self._pool = object()
 
     def replay(self) -> None:
@@ -172,6 +211,8 @@ class CUDAGraph:
                 out = r.func(*tree_map(resolve, r.args), **tree_map(resolve, r.kwargs))
                 flat, _ = tree_flatten(out)
                 results.append(flat)
+            for record, index, captured in self._outputs:  # the pool's memory now holds this replay's values
+                captured.copy_(results[record][index])
 
     def pool(self):
         return self._pool
@@ -179,6 +220,7 @@ class CUDAGraph:
     def reset(self) -> None:
         self.records = None
         self._keep = []
+        self._outputs = []
 
 
 class graph:
@@ -189,15 +231,27 @@ class graph:
         self.recorder = _Recorder()
 
     def __enter__(self) -> CUDAGraph:
+        self.patched = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy", "cpu", "item")}
+        for name in self.patched:
+            setattr(torch.Tensor, name, _host_read(name))
         self.recorder.__enter__()
         return self.cuda_graph
 
     def __exit__(self, *exc) -> None:
         self.recorder.__exit__(*exc)
+        for name, method in self.patched.items():
+            setattr(torch.Tensor, name, method)
         self.recorder.undo()
         if exc[0] is None:
-            self.cuda_graph.records = self.recorder.records
-            self.cuda_graph._keep = self.recorder.keep
+            g = self.cuda_graph
+            g.records, g._keep = self.recorder.records, self.recorder.keep
+            results = {id(t) for t in self.recorder.results()}
+            g._outputs = [
+                (p.record, p.index, t)
+                for t in self.recorder.keep
+                if id(t) in results
+                for p in [self.recorder.produced[id(t)]]
+            ]
 
 
 class Stream:

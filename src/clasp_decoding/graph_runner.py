@@ -150,7 +150,7 @@ class GraphRunner(ModelRunner):
         self.max_rows = self.buckets[-1]
         self.max_candidates = max_candidates
         self.token_capacity = min(self.max_positions, capacity)
-        self.capacity = self.token_capacity + self.scratch_slots()
+        self.capacity = -(-(self.token_capacity + self.scratch_slots()) // 16) * 16  # attention pads to 16 slots
         if capture is None:
             capture = (torch.cuda.is_available() and self.device.type == "cuda") or (
                 graph_emulation.enabled() and self.device.type == "cpu"
@@ -162,7 +162,7 @@ class GraphRunner(ModelRunner):
         self.start = torch.zeros((), dtype=torch.long, device=self.device)
         self.kv_slots = torch.arange(self.capacity, device=self.device)
         self._buckets = {b: _Bucket(self, b) for b in self.buckets}
-        self._cand = _Bucket(self, max_candidates, with_states=False)
+        self._cand = _Bucket(self, max_candidates, with_states=False, exits=False)
         self._graphs: dict[tuple, Callable[[], None]] = {}
         self._pool = None
         self.late_captures = 0  # graphs captured outside prepare(): each one a stall inside a round
@@ -173,8 +173,16 @@ class GraphRunner(ModelRunner):
         if compile_layers:
             from torch import _dynamo
 
-            # Every layer shares one code object: let dynamo keep a compiled variant per layer and shape.
-            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 16 * self.num_layers)
+            # Every layer shares one code object: let dynamo keep a compiled variant per layer and shape
+            # (the limits' names changed across torch versions: raise whichever exist).
+            for name in (
+                "cache_size_limit",
+                "recompile_limit",
+                "accumulated_cache_size_limit",
+                "accumulated_recompile_limit",
+            ):
+                if hasattr(_dynamo.config, name):
+                    setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 16 * self.num_layers))
             self._layer_fns = [torch.compile(layer, dynamic=False) for layer in self.layers]
         if self.numerics.exact:
             warnings.warn(
@@ -220,19 +228,31 @@ class GraphRunner(ModelRunner):
 
     # ------------------------------------------------------------------ capturing up front
 
+    def _on_device(self):
+        """The model's GPU as the current one: streams, captures and replays belong to the current device."""
+        import contextlib
+
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     @torch.inference_mode()
     def prepare(self, modules: Sequence[nn.Module] | None = None) -> int:
         """Capture every graph a generation can replay (with ``modules``: the graphs of those stand-in
         layers, a quantized draft's), outside any timed round. The capture calls write only scratch slots
-        past the token capacity, so a live generation's cache is untouched. Returns how many were new."""
+        past the token capacity, so a live generation's cache is untouched. Python's garbage collector is
+        paused meanwhile (a collection freeing CUDA objects during a capture invalidates it). Returns how
+        many graphs were new."""
+        import gc
+
         before = len(self._graphs)
         what = None if modules is None else variant(modules[0])
         if not self.capture or what in self._prepared:
             return 0
-        self._prepared.add(what)
         self._preparing = True
         scratch = self.token_capacity  # graphs do not depend on the position: use slots no token owns
         hidden = torch.zeros(1, self.config.hidden_size, device=self.device, dtype=self.dtype)
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
         try:
             if modules is None:
                 for size in self.buckets:
@@ -246,8 +266,11 @@ class GraphRunner(ModelRunner):
                 self.forward(self.cache, tokens, scratch, last_only=True, modules=modules)
                 for i in self.all_layers:
                     self.layer_candidates(self.cache, i, hidden, scratch, modules[i])
+            self._prepared.add(what)
         finally:
             self._preparing = False
+            if was_enabled:
+                gc.enable()
         return len(self._graphs) - before
 
     # ------------------------------------------------------------------ the static steps
@@ -339,17 +362,25 @@ class GraphRunner(ModelRunner):
         state the warm-up changed, capture."""
         api = self.api
         saved = b.hidden.clone()
-        side = api.Stream()
-        side.wait_stream(api.current_stream())
-        with api.stream(side):
-            step()
-        api.current_stream().wait_stream(side)
-        b.hidden.copy_(saved)
-        graph = api.CUDAGraph()
-        with api.graph(graph, pool=self._pool):
-            step()
+        with self._on_device():
+            side = api.Stream()
+            side.wait_stream(api.current_stream())
+            with api.stream(side):
+                step()
+            api.current_stream().wait_stream(side)
+            b.hidden.copy_(saved)
+            graph = api.CUDAGraph()
+            with api.graph(graph, pool=self._pool):
+                step()
         self._pool = graph.pool()
-        return graph.replay
+        if self.device.type != "cuda":
+            return graph.replay
+
+        def replay() -> None:
+            with self._on_device():
+                graph.replay()
+
+        return replay
 
     def _bucket_for(self, q: int) -> _Bucket:
         for size in self.buckets:
@@ -372,7 +403,8 @@ class GraphRunner(ModelRunner):
         vocab: VocabSubset | None = None,
         modules: Sequence[nn.Module] | None = None,
     ):
-        q = tokens.shape[-1]
+        tokens = tokens.reshape(-1)
+        q = tokens.shape[0]
         graphs = q <= self.buckets[-1]
         # A prompt longer than the largest bucket runs the same static steps eagerly, in one call, keeping
         # hidden states of its last row only when that is all it returns.

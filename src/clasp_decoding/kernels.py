@@ -150,6 +150,24 @@ def linear_int4(
     return torch.ops.clasp_kernels.linear_int4(x, packed, scale, zero, group, bias, isa)
 
 
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    start: int,
+    window: int = 0,
+    scale: float | None = None,
+    isa: str = "",
+) -> torch.Tensor:
+    """Causal attention of query rows ``[1, Hq, R, D]`` at positions ``start ..`` over ``key`` / ``value``
+    ``[1, Hkv, S, D]`` (a cache's readable slots; grouped-query heads shared): row ``r`` sees keys
+    ``[0, start + r + 1)`` (the last ``window`` of them with a sliding window). Returns ``[1, R, Hq, Dv]``
+    (the layout ``transformers``' attention functions return). Each row is computed on its own, in a fixed
+    order: its bits are those of the same query attended alone."""
+    s = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.clasp_kernels.attention(query, key, value, start, window, s, isa)
+
+
 def pack_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` ``[N, K]`` to 4 bits per value, asymmetric per group of ``group`` inputs (a
     multiple of 64 dividing ``K``): ``(packed [N, K / 2] uint8, scale [N, G], zero [N, G])`` with

@@ -95,19 +95,50 @@ def _inner_function(name: str, module):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+def _kernel_attends(inner_name: str, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
+    """Whether the project's attention kernel computes what backend ``inner_name`` would here: sdpa's plain
+    scaled softmax attention (no logit soft-capping, no attention sinks, no dropout), bf16 or fp32 on the
+    CPU, batch 1."""
+    return (
+        inner_name == "sdpa"
+        and query.device.type == "cpu"
+        and query.shape[0] == 1
+        and query.dtype in (torch.bfloat16, torch.float32)
+        and key.dtype is query.dtype
+        and kwargs.get("softcap") is None
+        and kwargs.get("s_aux") is None
+        and not kwargs.get("dropout")
+        and kernels.available()
+    )
+
+
+def _scale(module, query: torch.Tensor, kwargs: dict) -> float:
+    scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+    return float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+
+
 def _make_backend(inner_name: str):
     """The row-exact wrapper of attention backend ``inner_name``.
 
-    Each query row is attended the way ``transformers`` attends one decoding step: over the keys that its
-    own cache would hold (all slots up to the row's position, or for a sliding-window layer the last
-    ``window`` of them, which is all a sliding cache keeps), with no mask while fewer keys than the
-    window are read and, like ``transformers``, an all-visible mask once the window is full. A prefill
-    from slot 0 is one call, as ``transformers``' own prefill makes it.
+    Each query row is attended the way one decoding step is: over the keys that its own cache would hold
+    (all slots up to the row's position, or for a sliding-window layer the last ``window`` of them, which
+    is all a sliding cache keeps). Where the project's attention kernel applies (:func:`_kernel_attends`),
+    it attends every row of a call at once, each on its own (:func:`.kernels.attention`), and it also
+    attends ``transformers``' own single-query decoding steps on this model, so its ``generate`` computes
+    the same bits. Elsewhere each row is one call of the model's own attention function, with no mask
+    while fewer keys than the window are read and, like ``transformers``, an all-visible mask once the
+    window is full. A prefill from slot 0 is one call, as ``transformers``' own prefill makes it.
     """
 
     def clasp_attention(module, query, key, value, attention_mask, *args, clasp_rows: RowSpec | None = None, **kwargs):
         inner = _inner_function(inner_name, module)
-        if clasp_rows is None or clasp_rows.mode == "masked":
+        if clasp_rows is None:
+            if query.shape[2] == 1 and attention_mask is None and _kernel_attends(inner_name, query, key, kwargs):
+                # transformers' decoding step (its cache holds exactly the keys this query sees)
+                start = key.shape[2] - 1
+                return kernels.attention(query, key, value, start, 0, _scale(module, query, kwargs)), None
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        if clasp_rows.mode == "masked":
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         q = query.shape[2]
         window = clasp_rows.window
@@ -118,27 +149,46 @@ def _make_backend(inner_name: str):
                 return inner(module, query, key[:, :, :q], value[:, :, :q], None, *args, **kwargs)
             mask = attention_mask[:, :, :, :q] > -1 if attention_mask is not None else None
             return inner(module, query, key[:, :, :q], value[:, :, :q], mask, *args, **kwargs)
-        outs = []
-        full_window = None  # the all-visible mask of a full window, made once per call
-        for i in range(q):
-            end = clasp_rows.start + i + 1
-            lo = max(0, end - window) if window is not None else 0
-            row_mask = None
-            if inner_name == "eager":
-                if attention_mask is not None:
-                    row_mask = attention_mask[:, :, i : i + 1, lo:end]
-            elif window is not None and end - lo >= window:
-                if full_window is None:
-                    full_window = torch.ones(1, 1, 1, window, dtype=torch.bool, device=query.device)
-                row_mask = full_window
-            out, _ = inner(
-                module, query[:, :, i : i + 1], key[:, :, lo:end], value[:, :, lo:end], row_mask, *args, **kwargs
+        first = q
+        if window is not None:  # rows whose window is full: transformers passes a mask there, so not the kernel
+            first = min(q, max(0, window - clasp_rows.start - 1))
+        if first and _kernel_attends(inner_name, query, key, kwargs):
+            scale = _scale(module, query, kwargs)
+            head = kernels.attention(query[:, :, :first], key, value, clasp_rows.start, 0, scale)
+            if first == q:
+                return head, None
+            rest, _ = _rows(
+                inner, inner_name, module, query, key, value, attention_mask, clasp_rows, first, args, kwargs
             )
-            outs.append(out)
-        return (outs[0] if q == 1 else torch.cat(outs, dim=1)), None
+            return torch.cat([head, rest], dim=1), None
+        return _rows(inner, inner_name, module, query, key, value, attention_mask, clasp_rows, 0, args, kwargs)
 
     clasp_attention.__name__ = f"clasp_{inner_name}"
     return clasp_attention
+
+
+def _rows(inner, inner_name, module, query, key, value, attention_mask, rows: RowSpec, first: int, args, kwargs):
+    """Rows ``first ..`` of a call, each one call of the backend's own function, with the mask a decoding
+    step of ``transformers`` would pass it."""
+    window = rows.window
+    outs = []
+    full_window = None  # the all-visible mask of a full window, made once per call
+    for i in range(first, query.shape[2]):
+        end = rows.start + i + 1
+        lo = max(0, end - window) if window is not None else 0
+        row_mask = None
+        if inner_name == "eager":
+            if attention_mask is not None:
+                row_mask = attention_mask[:, :, i : i + 1, lo:end]
+        elif window is not None and end - lo >= window:
+            if full_window is None:
+                full_window = torch.ones(1, 1, 1, window, dtype=torch.bool, device=query.device)
+            row_mask = full_window
+        out, _ = inner(
+            module, query[:, :, i : i + 1], key[:, :, lo:end], value[:, :, lo:end], row_mask, *args, **kwargs
+        )
+        outs.append(out)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
 
 
 def install_attention(model) -> bool:
@@ -174,9 +224,11 @@ def install_attention(model) -> bool:
 
 # ----------------------------------------------------------------------------- linear layers
 
-KERNEL_ROWS = 1 << 16
-"""Rows one call may have with the project's kernels: they are row-invariant by construction, for any
-number of rows (the probe still checks the ladder, in case a build went wrong)."""
+KERNEL_ROWS = 64
+"""Calls of up to this many rows run the project's kernels (decoding steps, drafts, verifications, DP
+candidates): row-invariant by construction. Longer calls (a prompt's prefill) are bound by arithmetic,
+not by reading weights, and run torch's kernels, faster there; every method prefills with the same call,
+so this changes no output. It is also the most rows a verification may have."""
 
 
 def _single_row(x: torch.Tensor) -> bool:
@@ -202,7 +254,12 @@ def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     """An ``nn.Linear``'s forward through the project's kernel (bound to the module by :func:`install_linear`);
     anything the kernel does not take (another dtype or device, autograd) goes to torch's."""
     w = self.weight
-    if x.dtype is w.dtype and x.device.type == "cpu" and not (torch.is_grad_enabled() and w.requires_grad):
+    if (
+        x.dtype is w.dtype
+        and x.device.type == "cpu"
+        and x.numel() <= KERNEL_ROWS * x.shape[-1]
+        and not (torch.is_grad_enabled() and w.requires_grad)
+    ):
         return kernels.linear(x, w, self.bias)
     return torch.nn.functional.linear(x, w, self.bias)
 
@@ -277,7 +334,9 @@ def install_linear(model) -> tuple[str, int]:
     may have for that to hold."""
     if getattr(model, "_clasp_linear_mode", None):
         return model._clasp_linear_mode
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    # Offloaded layers (weights on "meta", brought in by accelerate's hooks per call) cannot be probed:
+    # they run as they are, and their device's kernels are not checked.
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type != "meta"]
     verdicts: dict[tuple, tuple[str, int]] = {}
     for m in linears:
         if _key(m) not in verdicts:

@@ -68,7 +68,9 @@ class QuantLinear(nn.Module):
             self.group = next((g for g in INT4_GROUPS if g % 64 == 0 and self.in_features % g == 0), None)
         elif kind == "int4":
             self.group = next((g for g in INT4_GROUPS if self.in_features % g == 0), None)
-        if kind == "int4" and (self.group is None or (not self.own and self.out_features % 16)):
+        if kind == "int4" and (
+            self.group is None or (not self.own and (self.out_features % 16 or self.in_features % 32))
+        ):
             self.kind = kind = "int8"  # a shape the int4 kernels do not take: int8 for this layer
         self.fused = self.own or _probe or (fused if fused is not None else fused_available(kind, dev.type))
         if kind == "int8":
@@ -98,7 +100,9 @@ class QuantLinear(nn.Module):
         if dev.type == "cpu":
             return torch._convert_weight_to_int4pack_for_cpu(q, 2)
         packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-        return torch._convert_weight_to_int4pack(packed, 8)
+        k = q.shape[1]  # the CUDA packing needs K a multiple of 16 * inner_k_tiles
+        tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+        return torch._convert_weight_to_int4pack(packed, tiles)
 
     def dequantized(self) -> torch.Tensor:
         """The weights the fallback path computes with, as bf16."""
@@ -160,18 +164,20 @@ def _fastest_on(device: str, sample: nn.Linear) -> str:
     """Time one-row calls of ``sample`` as it is and of its int4 and int8 copies on ``device``."""
     from .costs import median_seconds
 
-    x = torch.randn(1, sample.weight.shape[1], device=device, dtype=sample.weight.dtype)
+    weight, bias = sample.weight, sample.bias
+    x = torch.randn(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
 
-    def timed(module: nn.Module) -> float:
+    def timed(fn) -> float:
         def call() -> None:
             for _ in range(20):
-                module(x)
-            torch.cuda.synchronize(device)
+                fn(x)
+            torch.cuda.synchronize(weight.device)
 
         return median_seconds(call, repeats=5)
 
     with torch.inference_mode():
-        base = timed(sample)
+        # the layer as torch runs it (not through its module: hooks installed on it would pad rows)
+        base = timed(lambda t: torch.nn.functional.linear(t, weight, bias))
         best, best_time = "none", base / 1.1
         for kind in ("int4", "int8"):
             try:
@@ -239,8 +245,9 @@ def draft_modules(model_state, kind: str, vocab: VocabSubset | None) -> tuple[li
     limit = base.weight.shape[0]
 
     def make_block() -> QuantLinear:
-        head = nn.Linear(base.weight.shape[1], limit, bias=base.bias is not None, device=base.weight.device)
-        head.weight.data, head.bias = base.weight, (None if base.bias is None else nn.Parameter(base.bias))
+        head = nn.Linear(base.weight.shape[1], limit, bias=base.bias is not None, device="meta")  # no allocation
+        head.weight = nn.Parameter(base.weight, requires_grad=False)
+        head.bias = None if base.bias is None else nn.Parameter(base.bias, requires_grad=False)
         return QuantLinear(head, kind)
 
     block = model_state.remember(("draft_head", kind, limit), make_block)

@@ -22,6 +22,12 @@ Each round it compares the expected tokens per second of its options with plain 
   with too few rounds yet is assumed 1.5 times as fast as plain decoding, so that it is tried unless
   prompt lookup promises more.
 
+Within a generation it also tracks what each option really delivered *here* (:class:`Measured`: tokens
+over seconds of this text's recent rounds of layer skipping at ``M``, and of lookups per match-length
+bin), and trusts that over the estimates carried from earlier text as soon as it has a few rounds of
+it: an option that loses on this text is dropped within a few rounds, whatever it did before. Other skip
+counts are explored only while layer skipping is competitive at all.
+
 When drafting cannot pay it decodes plainly, and probes now and then so that a change in the text is
 noticed: a short lookup draft every ``probe_every`` plain rounds when there is a match, otherwise a
 layer-skip round, at intervals that double while such probes keep losing. The skip count ``M`` is
@@ -101,13 +107,48 @@ class CopyHazard:
         return out
 
 
+class Measured:
+    """What rounds of one option delivered on this text: tokens over seconds, both summed with older rounds
+    discounted by ``decay`` per round (so the ratio follows the text within a few rounds), and how many
+    rounds were seen. Time that served the option without being a round of it (a layer selection) adds
+    to its seconds."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay, self.tokens, self.seconds, self.rounds = decay, 0.0, 0.0, 0
+        self.last = 0  # the controller's round count when this option last ran
+
+    def add(self, tokens: float, seconds: float, now: int = 0) -> None:
+        self.tokens = self.decay * self.tokens + tokens
+        self.seconds = self.decay * self.seconds + seconds
+        self.rounds += 1
+        self.last = now
+
+    def charge(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+LOCAL_ROUNDS = 3
+"""Rounds of an option on this text after which its measured rate counts (blended with the estimate)."""
+LOCAL_WEIGHT = 2.0
+"""How many rounds the estimate from earlier text (or, untried, the hope of exploring) is worth against
+this text's measured rounds."""
+STALE = 0.92
+"""Per round an option does not run, what its measurement's weight keeps: a measurement that made the
+controller drop an option fades, so the option is tried again after a while (the text may have moved)."""
+
+
 @dataclass
 class Decision:
-    """A round's decision: draft up to ``max_tokens`` from ``source``, expecting ``rate`` tokens/s."""
+    """A round's decision: draft up to ``max_tokens`` from ``source``, expecting ``rate`` tokens/s; a
+    layer-skip draft at skip count ``num_skip`` (``None``: the drafter's current one)."""
 
     source: Source
     max_tokens: int
     rate: float
+    num_skip: int | None = None
 
 
 @dataclass
@@ -169,7 +210,7 @@ class Controller:
         probe_every: int = 12,
         margin: float = 1.02,
         layer_skip: bool = True,
-        local_weight: float = 4.0,
+        local_weight: float = 2.0,
     ) -> None:
         self.state = state
         self.max_draft = max_draft
@@ -181,8 +222,20 @@ class Controller:
         self.plain_streak = 0
         # This text's own copy statistics, starting from (and feeding) those of earlier text.
         self.copies = CopyHazard(weight=local_weight, decay=1.0, base=state.lookup)
+        self.local: dict[tuple, Measured] = {}  # this text's measured options
+        self.rounds = 0
+        self.last = Source.PLAIN  # the source the last plan chose
         if not state.skip_probe_every:
             state.skip_probe_every = probe_every
+
+    def _blend(self, key: tuple, estimate: float) -> float:
+        """The estimate, moved towards what this text measured for ``key`` once it has a few rounds (the
+        more rounds, and the more recent, the further)."""
+        seen = self.local.get(key)
+        if seen is None or seen.rounds < LOCAL_ROUNDS:
+            return estimate
+        n = min(seen.rounds, 8) * STALE ** (self.rounds - seen.last)
+        return (n * seen.rate() + LOCAL_WEIGHT * estimate) / (n + LOCAL_WEIGHT)
 
     def could_pay(self, source: Source, num_skip: int, budget: int) -> bool:
         """Whether drafting from ``source`` could beat plain decoding at all, were every drafted token
@@ -210,13 +263,14 @@ class Controller:
         of tokens and seconds, early exits included); a skip count without enough rounds yet is tried,
         unless the measured costs show it could not pay even if every draft were accepted."""
         k = min(self.max_draft, budget)
-        seen = self.state.realized_rate((Source.LAYER_SKIP, num_skip))
+        key = (Source.LAYER_SKIP, num_skip)
+        seen = self.state.realized_rate(key)
         if seen is None:
             if not self.could_pay(Source.LAYER_SKIP, num_skip, budget):
                 return k, 0.0
             t0 = self.state.t_verify(0)  # untried: assume it beats plain decoding by half, so it gets tried
-            return k, (self.explore_gain / t0) if t0 else float("inf")
-        return k, seen
+            seen = (self.explore_gain / t0) if t0 else float("inf")
+        return k, self._blend(key, seen)
 
     def lookup_plan(self, match_len: int, found: int, budget: int) -> Decision:
         """The lookup draft length with the best expected tokens per second (0: none pays)."""
@@ -229,6 +283,8 @@ class Controller:
             rate = expected[k] / tv if tv else float("inf")
             if rate > best.rate:
                 best = Decision(Source.LOOKUP, k, rate)
+        if best.max_tokens:  # what lookups after matches of this length really delivered on this text
+            best.rate = self._blend((Source.LOOKUP, match_bin(match_len)), best.rate)
         return best
 
     def plan(self, num_skip: int, lookup_len: int, budget: int, match_len: int = 1) -> Decision:
@@ -246,14 +302,17 @@ class Controller:
             if look.max_tokens > 0:
                 options.append(look)
         if self.layer_skip:
-            k, rate = self.clasp_rate(num_skip, budget)
-            options.append(Decision(Source.LAYER_SKIP, k, rate))
+            m, k, rate = self.best_skip(num_skip, budget)
+            options.append(Decision(Source.LAYER_SKIP, k, rate, m))
         best = max(options, key=lambda p: p.rate, default=Decision(Source.PLAIN, 0, plain))
-        if best.rate > plain * self.margin:
+        # The margin guards switching into drafting on noise; a source in use stays while it beats plain.
+        if best.rate > plain * (1.0 if best.source is self.last else self.margin):
+            self.last = best.source
             self.plain_streak = 0
             if best.source is Source.LAYER_SKIP:
                 s.skip_probe_every = self.probe_every
             return best
+        self.last = Source.PLAIN
         self.plain_streak += 1
         probe_lookup = lookup_len > 0 and self.plain_streak % self.probe_every == 0
         if probe_lookup and self.could_pay(Source.LOOKUP, num_skip, min(lookup_len, budget)):
@@ -268,21 +327,45 @@ class Controller:
             # probes keep losing they come ever more rarely.
             self.plain_streak = 0
             s.skip_probe_every = min(8 * self.probe_every, 2 * s.skip_probe_every)
-            return Decision(Source.LAYER_SKIP, min(self.max_draft, budget), best.rate)
+            m = self.best_skip(num_skip, budget)[0]
+            return Decision(Source.LAYER_SKIP, min(self.max_draft, budget), best.rate, m)
         return Decision(Source.PLAIN, 0, plain)
 
+    def _tried(self, m: int) -> bool:
+        key = (Source.LAYER_SKIP, m)
+        local = self.local.get(key)
+        return self.state.realized_rate(key) is not None or (local is not None and local.rounds >= LOCAL_ROUNDS)
+
+    def skip_options(self, current: int) -> list[int]:
+        """Skip counts worth drafting at now: the current one, every one tried, and one untried while layer
+        skipping is competitive with plain decoding (95% of its rate or better; where it loses at one skip
+        count, trying the others costs more than it can find)."""
+        t0 = self.state.t_verify(0)
+        tried = [m for m in self.candidates if self._tried(m)]
+        options = {current, *tried}
+        if t0 is not None and tried:
+            best = max(self.clasp_rate(m, self.max_draft)[1] for m in tried)
+            fresh = [m for m in self.candidates if m not in options]
+            if best >= 0.95 / t0 and fresh:
+                options.add(fresh[0])
+        return sorted(options)
+
+    def best_skip(self, current: int, budget: int) -> tuple[int, int, float]:
+        """``(num_skip, draft length, expected tokens/s)`` of the best layer-skip option now."""
+        scored = [(*self.clasp_rate(m, budget), m) for m in self.skip_options(current)]
+        k, rate, m = max(scored, key=lambda x: (x[1], x[2] == current))
+        return m, k, rate
+
     def choose_num_skip(self, current: int) -> int:
-        """The skip count for the next stretch: an unexplored candidate first, then the best expected rate."""
-        s = self.state
-        for m in self.candidates:
-            if s.realized_rate((Source.LAYER_SKIP, m)) is None and s.t_verify(0) is not None:
-                return m
-        scored = [(self.clasp_rate(m, self.max_draft)[1], m) for m in self.candidates]
-        return max(scored)[1] if scored else current
+        """The skip count for the next stretch (see :meth:`skip_options`)."""
+        if self.state.t_verify(0) is None:
+            return current
+        return self.best_skip(current, self.max_draft)[0]
 
     def charge_selection(self, num_skip: int, seconds: float) -> None:
         """Layer selection serves the layer-skip draft: its cost counts against that draft's rate."""
         self.state.realize((Source.LAYER_SKIP, num_skip), 0, seconds)
+        self.local.setdefault((Source.LAYER_SKIP, num_skip), Measured()).charge(seconds)
 
     def observe(
         self,
@@ -295,9 +378,15 @@ class Controller:
         match_len: int = 1,
     ) -> None:
         s = self.state
+        self.rounds += 1
         s.verify.setdefault(drafted, EMA()).update(verify_seconds)
+        seconds = draft_seconds + verify_seconds
         if source is Source.LAYER_SKIP and drafted:
-            s.realize((Source.LAYER_SKIP, num_skip), accepted + 1, draft_seconds + verify_seconds)
+            s.realize((Source.LAYER_SKIP, num_skip), accepted + 1, seconds)
             s.draft_step.setdefault(num_skip, EMA()).update(draft_seconds / drafted)
+            self.local.setdefault((Source.LAYER_SKIP, num_skip), Measured()).add(accepted + 1, seconds, self.rounds)
         elif source is Source.LOOKUP and drafted:
             self.copies.update(match_len, drafted, accepted)
+            self.local.setdefault((Source.LOOKUP, match_bin(match_len)), Measured()).add(
+                accepted + 1, seconds, self.rounds
+            )

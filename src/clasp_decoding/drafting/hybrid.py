@@ -10,9 +10,11 @@ Verification is the loop's, unchanged, so the output is exactly the model's what
 under the same control.
 
 Layer selection costs about one full step, so here it is paid only for the layer-skip draft's sake:
-a generation starts from the skip set last chosen for this model (kept with the controller's
-estimates), runs the DP on the prompt's hidden states only when it first drafts by layer skipping and
-has no such set, and re-runs it every ``layer_opt_interval`` rounds only while layer skipping is in use.
+a generation starts from the skip set last chosen for this model at each skip count (kept with the
+controller's estimates), runs the DP on the prompt's hidden states only when it first drafts by layer
+skipping and has no such set, and re-runs it after every ``layer_opt_interval`` rounds *of layer
+skipping* (the paper's interval, counted in the rounds that use the skip set). When the controller moves
+to another skip count, the set last chosen for it is adopted at once.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class HybridDrafter(Drafter):
         self.estimates: ControllerState | None = None
         self.prompt_hidden: torch.Tensor | None = None
         self.match_len = 0
-        self.rounds_since_layer_skip = 1 << 30  # no layer selection until layer skipping is used
+        self.skip_rounds = 0  # rounds of layer skipping since the last layer selection
+        self.drafting = Source.PLAIN  # this round's source (asked about before the verification)
         self.adapt_skip = True
         self.need_selection = False
 
@@ -105,7 +108,7 @@ class HybridDrafter(Drafter):
             return False
         if self.need_selection:
             return True
-        return self.skip.wants_hidden(state) and self.rounds_since_layer_skip <= state.config.layer_opt_interval
+        return self.drafting is Source.LAYER_SKIP and self.skip_rounds + 1 >= state.config.layer_opt_interval
 
     def _ensure_skip_set(self, state: DecodeState) -> Selection | None:
         """A skip set for a first layer-skip draft. Right after the prefill the DP runs on the prompt's
@@ -129,14 +132,28 @@ class HybridDrafter(Drafter):
             else ([], 0)
         )
         plan = self.controller.plan(self.skip.num_skip, len(found), max_tokens, self.match_len)
+        self.drafting = plan.source
         if plan.source is Source.LOOKUP:
             return Draft(found[: plan.max_tokens], Source.LOOKUP)
         if plan.source is Source.LAYER_SKIP:
-            selection = self._ensure_skip_set(state)
+            switched = None
+            if self.adapt_skip and plan.num_skip is not None and plan.num_skip != self.skip.num_skip:
+                switched = self._switch(state, plan.num_skip)
+            selection = self._ensure_skip_set(state) or switched
             draft = self.skip.propose(state, plan.max_tokens)
             draft.selection = selection
             return draft
         return Draft([])
+
+    def _switch(self, state: DecodeState, num_skip: int) -> Selection | None:
+        """Draft at another skip count from now on, with the set last chosen for it (none yet: the next
+        draft gets one)."""
+        self.skip.num_skip = num_skip
+        remembered = self.estimates.skip_sets.get(num_skip)
+        if remembered is not None:
+            return self.skip.adopt(state, remembered)
+        self.skip.skip = ()
+        return None
 
     def observe(self, state: DecodeState, outcome: Outcome) -> Selection | None:
         draft = outcome.draft
@@ -149,12 +166,13 @@ class HybridDrafter(Drafter):
             self.skip.num_skip,
             self.match_len,
         )
-        self.rounds_since_layer_skip = 0 if draft.source is Source.LAYER_SKIP else self.rounds_since_layer_skip + 1
+        self.skip_rounds += draft.source is Source.LAYER_SKIP
         if outcome.hidden is None or not self.skip.dynamic:
             return None
         if self.adapt_skip and not self.need_selection:
             self.skip.num_skip = self.controller.choose_num_skip(self.skip.num_skip)
         self.need_selection = False
+        self.skip_rounds = 0
         chosen = self.skip.observe(state, outcome)
         if chosen is not None:
             self.controller.charge_selection(self.skip.num_skip, chosen.seconds)

@@ -6,12 +6,12 @@
 
 #include <memory>
 
-#include "linear.h"
+#include "kernels.h"
 
 namespace clasp {
 namespace avx512bf16 {
 
-constexpr int MB = 4, NB = 4, MB_I4 = 2, NB_I4 = 4;
+constexpr int MB = 6, NB = 4, MB_I4 = 2, NB_I4 = 4;
 
 static inline __mmask32 first(int n) { return static_cast<__mmask32>(_bzhi_u32(0xffffffffu, n)); }
 
@@ -63,7 +63,7 @@ struct Q4 {  // 64 nibbles -> two vectors of 32 bf16 integers 0..15, through a 1
   static inline __m512 scale_add(__m512 tot, __m512 grp, float s) { return _mm512_fmadd_ps(grp, _mm512_set1_ps(s), tot); }
 };
 
-#include "linear_impl.h"
+#include "kernels_impl.h"
 
 bool x_is_bf16(WeightKind kind) { return kind != WeightKind::F32; }
 
@@ -75,6 +75,9 @@ void linear(const LinearArgs& a, int64_t n0, int64_t n1) {
     case WeightKind::F32: avx512::linear(a, n0, n1); break;  // no bf16 to gain: the AVX-512 fp32 kernel
   }
 }
+
+
+void attention(const AttnArgs& a, int64_t t0, int64_t t1) { avx512::attention(a, t0, t1); }  // fp32 lanes
 
 }  // namespace avx512bf16
 }  // namespace clasp

@@ -1,6 +1,7 @@
-// The dispatcher: torch operators clasp_kernels::linear / linear_int8 / linear_int4 that check their
-// inputs, pick the best kernel this CPU supports (or the one named), and split the output features over
-// torch's intra-op threads. Which thread computes which features never changes any value.
+// The dispatcher: torch operators clasp_kernels::linear / linear_int8 / linear_int4 / attention that check
+// their inputs, pick the best kernel this CPU supports (or the one named), and split the work (output
+// features; query rows and heads) over torch's intra-op threads. Which thread computes what never changes
+// any value.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -8,18 +9,20 @@
 #include <string>
 #include <vector>
 
-#include "linear.h"
+#include "kernels.h"
 
 namespace clasp {
 namespace {
 
 using Kernel = void (*)(const LinearArgs&, int64_t, int64_t);
 using XIsBf16 = bool (*)(WeightKind);
+using AttnKernel = void (*)(const AttnArgs&, int64_t, int64_t);
 
 struct Isa {
   const char* name;
   Kernel kernel;
   XIsBf16 x_bf16;
+  AttnKernel attention;
   bool supported;
 };
 
@@ -31,12 +34,12 @@ std::vector<Isa> detect() {
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-  out.push_back({"avx512bf16", avx512bf16::linear, avx512bf16::x_is_bf16,
+  out.push_back({"avx512bf16", avx512bf16::linear, avx512bf16::x_is_bf16, avx512bf16::attention,
                  avx512 && __builtin_cpu_supports("avx512bf16")});
-  out.push_back({"avx512", avx512::linear, avx512::x_is_bf16, avx512});
-  out.push_back({"avx2", avx2::linear, avx2::x_is_bf16, avx2});
+  out.push_back({"avx512", avx512::linear, avx512::x_is_bf16, avx512::attention, avx512});
+  out.push_back({"avx2", avx2::linear, avx2::x_is_bf16, avx2::attention, avx2});
 #endif
-  out.push_back({"scalar", scalar::linear, scalar::x_is_bf16, true});
+  out.push_back({"scalar", scalar::linear, scalar::x_is_bf16, scalar::attention, true});
   return out;
 }
 
@@ -125,6 +128,36 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   return run(x, packed, WeightKind::I4, N, K, scale, zero, group, bias, isa);
 }
 
+// query [1, Hq, R, D], key [1, Hkv, S, D], value [1, Hkv, S, Dv] (views of a cache: any strides with
+// contiguous last dimension) -> [1, R, Hq, Dv]: row r is the query at position start + r, seeing keys up to
+// its own (and, with window > 0, only the last ``window`` of them).
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start, int64_t window,
+                     double scale, std::string isa_name) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "clasp kernels run on the CPU");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && v.size(0) == 1,
+              "clasp attention: batch-1 [1, heads, rows, dim] tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
+              "clasp attention: query, key and value must all be bfloat16 or all float32");
+  const int64_t Hq = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D,
+              "clasp attention: shapes do not agree (query heads a multiple of key heads)");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "clasp attention: the last dimension "
+              "must be contiguous");
+  TORCH_CHECK(start >= 0 && start + R <= S, "clasp attention: rows at positions ", start, "..", start + R - 1,
+              " need ", start + R, " keys, got ", S);
+  const Isa& isa = pick(isa_name);
+  at::Tensor out = at::empty({1, R, Hq, Dv}, q.options());
+  AttnArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), R, Hq, Hkv, S, D, Dv,
+             q.stride(2), q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2), start, window,
+             static_cast<float>(scale), q.scalar_type() == at::kBFloat16};
+  AttnKernel kernel = isa.attention;
+  const int64_t tasks = R * Hq;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, S * (D + Dv)));
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) { kernel(a, t0, t1); });
+  return out;
+}
+
 }  // namespace
 }  // namespace clasp
 
@@ -133,6 +166,7 @@ TORCH_LIBRARY(clasp_kernels, m) {
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None, str isa='') -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group, Tensor? bias=None, "
         "str isa='') -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, int start, int window, float scale, str isa='') -> Tensor");
   m.def("isas() -> str[]");
 }
 
@@ -140,6 +174,7 @@ TORCH_LIBRARY_IMPL(clasp_kernels, CPU, m) {
   m.impl("linear", clasp::linear);
   m.impl("linear_int8", clasp::linear_int8);
   m.impl("linear_int4", clasp::linear_int4);
+  m.impl("attention", clasp::attention);
 }
 
 TORCH_LIBRARY_IMPL(clasp_kernels, CompositeExplicitAutograd, m) {

@@ -2,7 +2,7 @@
 // kernels (each output one dot product in K order), so rows stay invariant on any machine.
 #include <memory>
 
-#include "linear.h"
+#include "kernels.h"
 
 namespace clasp {
 namespace scalar {
@@ -56,7 +56,19 @@ struct Q4 {
   static inline float scale_add(float tot, float grp, float s) { return tot + grp * s; }
 };
 
-#include "linear_impl.h"
+struct AOps {  // attention: one lane
+  using V = float;
+  static constexpr int L = 1;
+  static inline V zero() { return 0.0f; }
+  static inline V load(const float* p) { return *p; }
+  static inline V widen(const uint16_t* p) { return from_bf16(*p); }
+  static inline V set1(float x) { return x; }
+  static inline V fma(V a, V b, V c) { return a * b + c; }  // built without fp contraction
+  static inline float reduce(V a) { return a; }
+  static inline void store(float* p, V a) { *p = a; }
+};
+
+#include "kernels_impl.h"
 
 bool x_is_bf16(WeightKind) { return false; }
 
@@ -68,6 +80,9 @@ void linear(const LinearArgs& a, int64_t n0, int64_t n1) {
     case WeightKind::I4: run_i4<Base, Q4>(a, n0, n1); break;
   }
 }
+
+
+void attention(const AttnArgs& a, int64_t t0, int64_t t1) { attend<AOps>(a, t0, t1); }
 
 }  // namespace scalar
 }  // namespace clasp

@@ -6,12 +6,12 @@
 
 #include <memory>
 
-#include "linear.h"
+#include "kernels.h"
 
 namespace clasp {
 namespace avx512 {
 
-constexpr int MB = 4, NB = 4, MB_I4 = 2, NB_I4 = 4;
+constexpr int MB = 6, NB = 4, MB_I4 = 2, NB_I4 = 4;
 
 static inline __mmask16 first(int n) { return static_cast<__mmask16>(_bzhi_u32(0xffffu, n)); }
 
@@ -70,7 +70,21 @@ struct Q4 {  // 64 nibbles -> four vectors of 16 fp32 integers 0..15
   static inline __m512 scale_add(__m512 tot, __m512 grp, float s) { return _mm512_fmadd_ps(grp, _mm512_set1_ps(s), tot); }
 };
 
-#include "linear_impl.h"
+struct AOps {  // attention: fp32 lanes
+  using V = __m512;
+  static constexpr int L = 16;
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline V widen(const uint16_t* p) {
+    return BF16::widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static inline V set1(float x) { return _mm512_set1_ps(x); }
+  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float reduce(V a) { return _mm512_reduce_add_ps(a); }
+  static inline void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+};
+
+#include "kernels_impl.h"
 
 bool x_is_bf16(WeightKind) { return false; }
 
@@ -82,6 +96,9 @@ void linear(const LinearArgs& a, int64_t n0, int64_t n1) {
     case WeightKind::I4: run_i4<Base, Q4>(a, n0, n1); break;
   }
 }
+
+
+void attention(const AttnArgs& a, int64_t t0, int64_t t1) { attend<AOps>(a, t0, t1); }
 
 }  // namespace avx512
 }  // namespace clasp

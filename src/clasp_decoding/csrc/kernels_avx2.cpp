@@ -7,7 +7,7 @@
 #include <cstring>
 #include <memory>
 
-#include "linear.h"
+#include "kernels.h"
 
 namespace clasp {
 namespace avx2 {
@@ -88,7 +88,19 @@ struct Q4 {  // 64 nibbles -> eight vectors of 8 fp32 integers 0..15
   static inline __m256 scale_add(__m256 tot, __m256 grp, float s) { return _mm256_fmadd_ps(grp, _mm256_set1_ps(s), tot); }
 };
 
-#include "linear_impl.h"
+struct AOps {  // attention: fp32 lanes
+  using V = __m256;
+  static constexpr int L = 8;
+  static inline V zero() { return _mm256_setzero_ps(); }
+  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline V widen(const uint16_t* p) { return BF16::widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static inline V set1(float x) { return _mm256_set1_ps(x); }
+  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline float reduce(V a) { return Base::reduce(a); }
+  static inline void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+};
+
+#include "kernels_impl.h"
 
 bool x_is_bf16(WeightKind) { return false; }
 
@@ -100,6 +112,9 @@ void linear(const LinearArgs& a, int64_t n0, int64_t n1) {
     case WeightKind::I4: run_i4<Base, Q4>(a, n0, n1); break;
   }
 }
+
+
+void attention(const AttnArgs& a, int64_t t0, int64_t t1) { attend<AOps>(a, t0, t1); }
 
 }  // namespace avx2
 }  // namespace clasp

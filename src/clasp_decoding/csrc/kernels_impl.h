@@ -1,3 +1,5 @@
+// (Included inside an ISA's namespace: the headers it needs come from kernels.h.)
+//
 // The blocked driver shared by every ISA (included once per ISA file, inside that ISA's namespace and
 // target region). The ISA file defines, before including this header, one ops struct per weight kind:
 //
@@ -226,6 +228,81 @@ void run_i4(const LinearArgs& a, int64_t n0, int64_t n1) {
         rows_i4<XO, Q, 1>(xm, K, wn, ldw, group, sc, zr, groups, xs, nb, res);
       for (int i = 0; i < mb; i++)
         for (int j = 0; j < nb; j++) store(a, m + i, n + j, res[i * NB + j]);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- attention
+//
+// One query row against its own keys, per head: scores = scale * (q . k_j) for the keys it sees (each a
+// dot product in fp32 lanes over D, then one lane reduction), softmax by the row's maximum with expf,
+// the values summed in fp32 lanes over Dv in key order, divided by the sum. Needs from the ISA
+//   struct AOps { using V; static constexpr int L; static V zero(); static V load(const float*);
+//                 static V widen(const uint16_t*); static V set1(float); static V fma(V a, V b, V c);
+//                 static float reduce(V); static void store(float*, V); };
+
+template <class A>
+CLASP_INLINE float attn_dot(const float* q, const void* k, int64_t D, bool bf16) {
+  typename A::V acc = A::zero();
+  int64_t d = 0;
+  for (; d + A::L <= D; d += A::L) {
+    typename A::V kv = bf16 ? A::widen(static_cast<const uint16_t*>(k) + d) : A::load(static_cast<const float*>(k) + d);
+    acc = A::fma(A::load(q + d), kv, acc);
+  }
+  float s = A::reduce(acc);
+  for (; d < D; d++)
+    s += q[d] * (bf16 ? from_bf16(static_cast<const uint16_t*>(k)[d]) : static_cast<const float*>(k)[d]);
+  return s;
+}
+
+template <class A>
+void attend(const AttnArgs& a, int64_t t0, int64_t t1) {
+  const size_t esz = a.bf16 ? 2 : 4;
+  const char* Q = static_cast<const char*>(a.q);
+  const char* K = static_cast<const char*>(a.k);
+  const char* Vv = static_cast<const char*>(a.v);
+  std::vector<float> qf(a.D), p(a.S), acc(a.Dv);
+  const int64_t group = a.Hq / a.Hkv;
+  for (int64_t t = t0; t < t1; t++) {
+    const int64_t r = t / a.Hq, h = t % a.Hq, kvh = h / group;
+    const int64_t hi = a.start + r + 1;
+    const int64_t lo = a.window > 0 && hi > a.window ? hi - a.window : 0;
+    const char* qrow = Q + (r * a.q_r + h * a.q_h) * esz;
+    for (int64_t d = 0; d < a.D; d++)
+      qf[d] = a.bf16 ? from_bf16(reinterpret_cast<const uint16_t*>(qrow)[d]) : reinterpret_cast<const float*>(qrow)[d];
+    float m = -INFINITY;
+    for (int64_t j = lo; j < hi; j++) {
+      const float s = attn_dot<A>(qf.data(), K + (kvh * a.k_h + j * a.k_s) * esz, a.D, a.bf16) * a.scale;
+      p[j - lo] = s;
+      m = s > m ? s : m;
+    }
+    float sum = 0.0f;
+    for (int64_t j = lo; j < hi; j++) {
+      const float e = std::exp(p[j - lo] - m);
+      p[j - lo] = e;
+      sum += e;
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t j = lo; j < hi; j++) {
+      const char* vrow = Vv + (kvh * a.v_h + j * a.v_s) * esz;
+      const typename A::V w = A::set1(p[j - lo]);
+      int64_t d = 0;
+      for (; d + A::L <= a.Dv; d += A::L) {
+        typename A::V vv = a.bf16 ? A::widen(reinterpret_cast<const uint16_t*>(vrow) + d)
+                                  : A::load(reinterpret_cast<const float*>(vrow) + d);
+        A::store(acc.data() + d, A::fma(w, vv, A::load(acc.data() + d)));
+      }
+      for (; d < a.Dv; d++)
+        acc[d] += p[j - lo] * (a.bf16 ? from_bf16(reinterpret_cast<const uint16_t*>(vrow)[d])
+                                      : reinterpret_cast<const float*>(vrow)[d]);
+    }
+    const int64_t o = (r * a.Hq + h) * a.Dv;
+    for (int64_t d = 0; d < a.Dv; d++) {
+      const float y = acc[d] / sum;
+      if (a.bf16)
+        static_cast<uint16_t*>(a.out)[o + d] = to_bf16(y);
+      else
+        static_cast<float*>(a.out)[o + d] = y;
     }
   }
 }

@@ -1,11 +1,17 @@
-// Row-invariant small-batch linear kernels: the interface shared by the dispatcher (linear.cpp) and the
-// per-ISA kernels (linear_<isa>.cpp, each compiled for its instruction set, none including torch).
+// Row-invariant kernels for decoding on CPUs: the interface shared by the dispatcher (dispatch.cpp) and
+// the per-ISA kernels (kernels_<isa>.cpp, each compiled for its instruction set, none including torch).
 //
-// out[m, n] = sum_k x[m, k] * w[n, k] (* scale[n]) (+ bias[n]) for m < M, n0 <= n < n1.
-// Every output element is one dot product accumulated in a fixed order that depends on K and the ISA
-// only, never on M or on which rows share a call: a row's bits do not depend on the batch it is in.
+// linear:    out[m, n] = sum_k x[m, k] * w[n, k] (* scale[n]) (+ bias[n]) for m < M, n0 <= n < n1.
+// attention: each query row attends keys [lo_r, hi_r) of its own cache (softmax(q k^T * scale) v).
+// Every output element is computed by one fixed sequence of operations that depends on the sizes of its
+// own row (K; the keys it sees) and the ISA only, never on how many rows share a call or which thread
+// runs it: a row's bits do not depend on the batch it is in.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 namespace clasp {
 
@@ -23,11 +29,26 @@ struct LinearArgs {
   WeightKind kind;
 };
 
-// Each computes output features [n0, n1) for all M rows.
+struct AttnArgs {
+  const void* q;        // [R, Hq, D] with strides (q_r, q_h); bf16 or fp32 like k, v and out
+  const void* k;        // [Hkv, S, D] with strides (k_h, k_s)
+  const void* v;        // [Hkv, S, Dv] with strides (v_h, v_s)
+  void* out;            // [R, Hq, Dv] contiguous
+  int64_t R, Hq, Hkv, S, D, Dv;
+  int64_t q_r, q_h, k_h, k_s, v_h, v_s;
+  int64_t start;        // row r sees keys [lo_r, start + r + 1): a causal row at position start + r
+  int64_t window;       // > 0: a sliding window, lo_r = max(0, start + r + 1 - window); else lo_r = 0
+  float scale;
+  bool bf16;
+};
+
+// linear computes output features [n0, n1) for all M rows; attention the (row, head) tasks [t0, t1)
+// (task t = r * Hq + h).
 #define CLASP_DECLARE_ISA(ns)                                        \
   namespace ns {                                                     \
   void linear(const LinearArgs& a, int64_t n0, int64_t n1);          \
   bool x_is_bf16(WeightKind kind);                                   \
+  void attention(const AttnArgs& a, int64_t t0, int64_t t1);         \
   }
 CLASP_DECLARE_ISA(scalar)
 #if defined(__x86_64__)
