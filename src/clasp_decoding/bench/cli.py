@@ -26,8 +26,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
-        help="comma-separated: ar, hf, clasp, static, pld, hybrid; options in brackets, "
-        "e.g. 'clasp[num_skip=8,draft_exit_threshold=0.8]'",
+        help="comma-separated: ar, hf, llamacpp, clasp, static, pld, hybrid; options in brackets, "
+        "e.g. 'clasp[num_skip=8,draft_exit_threshold=0.8]' (llamacpp needs the [peers] extra)",
     )
     p.add_argument("--per-task", type=int, default=None, help="questions per task (default: all)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the six tasks")
@@ -60,6 +60,38 @@ def fidelity_references(methods, a: argparse.Namespace) -> dict[str, str | None]
     }
 
 
+def _usable_peers(methods, a: argparse.Namespace):
+    """Drop ``llamacpp`` (saying why) where it cannot run: llama-cpp-python absent, or sampling (its random
+    numbers are its own: no text to compare, and greedy is the comparison the peer figures are about)."""
+    from .llamacpp import available
+
+    keep = []
+    for m in methods:
+        if m.kind == "llamacpp":
+            why = available() or ("it runs greedy only" if a.temperature > 0 else None)
+            if why:
+                print(f"Skipping llamacpp: {why}.", file=sys.stderr)
+                continue
+        keep.append(m)
+    return keep
+
+
+def _peers(methods, a: argparse.Namespace, model) -> dict:
+    """What the peer methods run on, made before the engine touches the model."""
+    peers: dict = {}
+    if any(m.kind == "hf" for m in methods):  # the generate users have
+        from ..baselines import pristine_copy
+
+        peers["hf"] = pristine_copy(model)
+    if any(m.kind == "llamacpp" for m in methods):
+        import torch
+
+        from .llamacpp import LlamaCpp
+
+        peers["llamacpp"] = LlamaCpp(a.model, torch.get_num_threads())
+    return peers
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from ..config import GenerationConfig
     from ..errors import ConfigError
@@ -70,7 +102,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .suite import BenchInputError, builtin_questions, load_questions, select
 
     # Everything that can be checked before loading a model is checked first.
-    methods = parse_methods(a.methods)
+    methods = _usable_peers(parse_methods(a.methods), a)
     labels = [m.label for m in methods]
     if a.baseline not in labels:
         raise BenchInputError(f"--baseline {a.baseline!r} is not among --methods ({', '.join(labels)}).")
@@ -106,11 +138,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         tasks=tasks,
     )
     model, tokenizer = load(a.model, dtype=a.dtype, device=a.device)
-    plain_model = None
-    if any(m.kind == "hf" for m in methods):  # before the engine touches the model: the generate users have
-        from ..baselines import pristine_copy
-
-        plain_model = pristine_copy(model)
+    peers = _peers(methods, a, model)
     print(f"{len(questions)} questions x {len(methods)} methods x {a.repeats} repeat(s) -> {out}", file=sys.stderr)
     extra = {"num_layers": model.config.num_hidden_layers, "dtype_resolved": str(model.dtype).replace("torch.", "")}
     static_note = None
@@ -133,7 +161,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     settings.methods = methods
-    rows = run_benchmark(settings, model, tokenizer, log=lambda s: print(s, file=sys.stderr), plain_model=plain_model)
+    rows = run_benchmark(settings, model, tokenizer, log=lambda s: print(s, file=sys.stderr), peers=peers)
     info = json.loads((out / "run.json").read_text())
     info.update(extra)
     if static_note:

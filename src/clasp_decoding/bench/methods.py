@@ -18,8 +18,11 @@ from ..errors import ConfigError
 from .suite import BenchInputError
 
 HF = "hf"
-KINDS = (HF, *METHODS)
-"""``hf``: transformers' own generate; the others are the engine's drafting methods (``ar`` is plain
+LLAMACPP = "llamacpp"
+PEERS = (HF, LLAMACPP)
+KINDS = (*PEERS, *METHODS)
+"""``hf``: transformers' own generate (on an untouched copy of the model); ``llamacpp``: llama.cpp on the
+same weights in bf16 (:mod:`.llamacpp`); the others are the engine's drafting methods (``ar`` is plain
 decoding through the project's runner; ``static`` uses the skip set found by :mod:`.static`)."""
 
 
@@ -30,7 +33,7 @@ class MethodSpec:
     overrides: tuple[tuple[str, object], ...] = ()
 
     def config(self, base: GenerationConfig) -> GenerationConfig:
-        method = "ar" if self.kind == HF else self.kind
+        method = "ar" if self.kind in PEERS else self.kind
         return base.updated(method=method, **dict(self.overrides))
 
 
@@ -109,14 +112,19 @@ class TurnResult:
 
 
 def run_turn(
-    model, tokenizer, spec: MethodSpec, base: GenerationConfig, prompt_ids: list[int], plain_model=None
+    model, tokenizer, spec: MethodSpec, base: GenerationConfig, prompt_ids: list[int], peers: dict | None = None
 ) -> TurnResult:
     """Generate one answer; time it from the first model call to the last token, for every method alike.
-    ``hf`` runs on ``plain_model`` (a copy the engine never touched: the ``generate`` users have)."""
+    ``peers`` holds what the peer methods run on: ``hf`` an untouched copy of the model (the ``generate``
+    users have), ``llamacpp`` a loaded :class:`~.llamacpp.LlamaCpp`."""
     cfg = spec.config(base)
-    if spec.kind == HF:
-        target = plain_model if plain_model is not None else model
-        ids, seconds = hf_generate(target, tokenizer, prompt_ids, cfg, eos_ids_of(target, tokenizer))
+    peers = peers or {}
+    if spec.kind in PEERS:
+        eos = eos_ids_of(model, tokenizer)
+        if spec.kind == HF:
+            ids, seconds = hf_generate(peers.get(HF, model), tokenizer, prompt_ids, cfg, eos)
+        else:
+            ids, seconds = peers[LLAMACPP].generate(prompt_ids, cfg.max_new_tokens, eos)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         return TurnResult(ids, text, seconds, steps=len(ids))
     t0 = time.perf_counter()

@@ -193,9 +193,9 @@ def _row(
     return row
 
 
-def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print, plain_model=None) -> list[dict]:
-    """Run what ``records.jsonl`` does not hold yet; return all records. ``plain_model``: an untouched copy of
-    the model for the ``hf`` baseline (:func:`~..baselines.pristine_copy`)."""
+def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print, peers: dict | None = None) -> list[dict]:
+    """Run what ``records.jsonl`` does not hold yet; return all records. ``peers``: what the peer methods
+    run on (see :func:`~.methods.run_turn`)."""
     from tqdm.auto import tqdm
 
     rows = prepare_out(settings)
@@ -215,7 +215,7 @@ def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print, plain
     if settings.warmup:
         warm = encode_prompt(tokenizer, "Say hello.")
         for spec in settings.methods:
-            run_turn(model, tokenizer, spec, base.updated(max_new_tokens=8), warm, plain_model)
+            run_turn(model, tokenizer, spec, base.updated(max_new_tokens=8), warm, peers)
     total = len(settings.questions) * settings.repeats * len(settings.methods)
     bar = tqdm(total=total, initial=total - len(todo), desc="bench", unit="run", dynamic_ncols=True)
     records = (settings.out / RECORDS).open("a", encoding="utf-8")
@@ -229,7 +229,7 @@ def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print, plain
                     if (spec.label, str(q.id), rep) in done:
                         continue
                     cfg = base if base.seed is None else base.updated(seed=base.seed + index * 1000 + rep)
-                    new = _run_question(model, tokenizer, spec, cfg, q, rep, plain_model)
+                    new = _run_question(model, tokenizer, spec, cfg, q, rep, peers)
                     for r in new:
                         records.write(json.dumps(r) + "\n")
                     records.flush()
@@ -243,7 +243,7 @@ def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print, plain
 
 
 def _run_question(
-    model, tokenizer, spec: MethodSpec, cfg: GenerationConfig, q: Question, rep: int, plain_model=None
+    model, tokenizer, spec: MethodSpec, cfg: GenerationConfig, q: Question, rep: int, peers: dict | None = None
 ) -> list[dict]:
     """All turns of one question; the conversation carries the method's own earlier answers."""
     messages: list[dict] = []
@@ -253,7 +253,7 @@ def _run_question(
         prompt_ids: list[int] = []
         try:
             prompt_ids = encode_prompt(tokenizer, messages)
-            res = run_turn(model, tokenizer, spec, cfg, prompt_ids, plain_model)
+            res = run_turn(model, tokenizer, spec, cfg, prompt_ids, peers)
         except Exception as e:  # recorded, and the run goes on
             err = f"{type(e).__name__}: {e}"
             if not isinstance(e, (ValueError, RuntimeError)):
