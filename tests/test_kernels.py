@@ -157,7 +157,7 @@ def test_the_model_runs_on_the_kernels():
 
     model = tiny_model("llama", dtype=torch.bfloat16)
     runner = runner_for(model)
-    assert runner.numerics.linear_mode == "kernel" and runner.numerics.max_verify_drafts == 63
+    assert runner.numerics.linear_mode == "kernel" and runner.numerics.max_verify_drafts >= 1000
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all("forward" in m.__dict__ for m in linears)
 

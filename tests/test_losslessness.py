@@ -51,7 +51,7 @@ def forced_cycle(monkeypatch):
     the test covers each, whatever timings this machine measures."""
     modes = itertools.cycle([Source.PLAIN, Source.LOOKUP, Source.LAYER_SKIP])
 
-    def plan(self, num_skip, lookup_len, budget, match_len=1):
+    def plan(self, num_skip, lookup_len, budget, match_len=1, layer_skip=True):
         mode = next(modes)
         if mode is Source.LOOKUP and lookup_len:
             return Decision(Source.LOOKUP, min(lookup_len, budget, 4), 1.0)

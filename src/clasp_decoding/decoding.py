@@ -140,7 +140,7 @@ class Generation:
         t0 = time.perf_counter()
         try:
             new = self._prefill() if self.stats.steps == 0 else self._round()
-            chunk = self._finish_round(new)
+            chunk = self.finish(new)
         except BaseException:
             self.close()
             raise
@@ -193,9 +193,25 @@ class Generation:
         return [first]
 
     def _round(self) -> list[int]:
+        s = self.state
+        draft = self.draft()
+        inputs = torch.tensor([s.last_token, *draft.tokens], device=s.runner.device)
+        t0 = time.perf_counter()
+        logits, hidden = s.runner.forward(s.cache, inputs, s.cache.length, collect_hidden=self.drafter.wants_hidden(s))
+        return self.verified(logits, hidden, t0, inputs[1:])
+
+    # The phases of a round, apart, so that a batch of generations can share one forward pass
+    # (:mod:`.batching`): ``draft()``, then the model over ``[last token, drafts]`` from slot
+    # ``cache.length``, then ``verified(logits, hidden, started)``; ``finish(new)`` ends the round.
+
+    def draft(self, limit: int | None = None) -> Draft:
+        """This round's draft (at most ``limit`` tokens when given): proposed, cut to the token budget and
+        the rows one call may verify exactly, recorded."""
         s, stats = self.state, self.stats
         budget = s.config.max_new_tokens - s.generated
         room = budget - 1 if self.draft_limit is None else min(budget - 1, self.draft_limit)
+        if limit is not None:
+            room = min(room, limit)
         t0 = time.perf_counter()
         draft = self.drafter.propose(s, room) if room > 0 else Draft([])
         if len(draft) > max(room, 0):
@@ -205,22 +221,38 @@ class Generation:
         draft_seconds = time.perf_counter() - t0 - (draft.selection.seconds if draft.selection else 0.0)
         self._record(draft.selection)
         stats.time_draft += draft_seconds
-        accepted, hidden, verify_seconds = self._verify(draft)
+        self._pending = (draft, draft_seconds)
+        return draft
+
+    def verified(
+        self,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None,
+        started: float,
+        draft_ids: torch.Tensor | None = None,
+        shared: bool = False,
+    ) -> list[int]:
+        """Accept against the target's ``logits`` ``[k + 1, V]`` for this round's draft (``draft_ids`` on the
+        device, if at hand; the forward pass began at ``started``); roll back, append, learn. ``shared``:
+        the pass served other generations too, so its time is not this generation's cost to learn from.
+        Returns the round's new tokens."""
+        s = self.state
+        draft, draft_seconds = self._pending
+        accepted, verify_seconds = self._accept(draft, logits, started, draft_ids)
         new = [*draft.tokens[:accepted], s.tokens[-1]]
         s.round += 1
-        self._record(self.drafter.observe(s, Outcome(draft, accepted, hidden, draft_seconds, verify_seconds)))
+        outcome = Outcome(draft, accepted, hidden, draft_seconds, None if shared else verify_seconds)
+        self._record(self.drafter.observe(s, outcome))
         return new
 
-    def _verify(self, draft: Draft) -> tuple[int, torch.Tensor | None, float]:
-        """One full-model forward over ``[last, drafts]``; accept, roll back, append the new tokens."""
+    def _accept(self, draft: Draft, logits: torch.Tensor, started: float, draft_ids) -> tuple[int, float]:
         s, stats = self.state, self.stats
         n = s.cache.length
         k = len(draft)
-        inputs = torch.tensor([s.last_token, *draft.tokens], device=s.runner.device)
-        t0 = time.perf_counter()
-        logits, hidden = s.runner.forward(s.cache, inputs, n, collect_hidden=self.drafter.wants_hidden(s))
-        a, nxt = s.sampler.accept(inputs[1:], draft.probs, logits, n + 1)
-        seconds = time.perf_counter() - t0  # the acceptance's host sync makes this the real time
+        if draft_ids is None:
+            draft_ids = torch.tensor(draft.tokens, dtype=torch.long, device=logits.device)
+        a, nxt = s.sampler.accept(draft_ids, draft.probs, logits, n + 1)
+        seconds = time.perf_counter() - started  # the acceptance's host sync makes this the real time
         s.cache.rollback(n + a + 1)
         s.tokens.extend([*draft.tokens[:a], nxt])
         stats.time_verify += seconds
@@ -230,7 +262,7 @@ class Generation:
         stats.accepted_lengths.append(a)
         stats.draft_lengths.append(k)
         stats.modes.append(str(draft.source))
-        return a, hidden, seconds
+        return a, seconds
 
     def _record(self, selection: Selection | None) -> None:
         if selection is None:
@@ -240,7 +272,7 @@ class Generation:
             self.stats.layer_selections += 1
         self.stats.time_select += selection.seconds
 
-    def _finish_round(self, new: list[int]) -> Chunk:
+    def finish(self, new: list[int]) -> Chunk:
         """Cut the round's new tokens (already in ``state.tokens``) at EOS, the token limit, a stopper
         or a stop string; decide whether the generation goes on; decode the new text."""
         s = self.state

@@ -224,11 +224,11 @@ def install_attention(model) -> bool:
 
 # ----------------------------------------------------------------------------- linear layers
 
-KERNEL_ROWS = 64
-"""Calls of up to this many rows run the project's kernels (decoding steps, drafts, verifications, DP
-candidates): row-invariant by construction. Longer calls (a prompt's prefill) are bound by arithmetic,
-not by reading weights, and run torch's kernels, faster there; every method prefills with the same call,
-so this changes no output. It is also the most rows a verification may have."""
+KERNEL_ROWS = 1 << 16
+"""Rows one call may have with the project's kernels: any number, since they are row-invariant by
+construction (the probe still checks the ladder, in case a build went wrong). Prefills run on them too,
+although torch's kernels compute long ones faster: one numerics everywhere is what makes a prompt's
+cache the same bits whether it was prefilled alone or beside other users' rows (:mod:`.batching`)."""
 
 
 def _single_row(x: torch.Tensor) -> bool:
@@ -254,12 +254,7 @@ def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     """An ``nn.Linear``'s forward through the project's kernel (bound to the module by :func:`install_linear`);
     anything the kernel does not take (another dtype or device, autograd) goes to torch's."""
     w = self.weight
-    if (
-        x.dtype is w.dtype
-        and x.device.type == "cpu"
-        and x.numel() <= KERNEL_ROWS * x.shape[-1]
-        and not (torch.is_grad_enabled() and w.requires_grad)
-    ):
+    if x.dtype is w.dtype and x.device.type == "cpu" and not (torch.is_grad_enabled() and w.requires_grad):
         return kernels.linear(x, w, self.bias)
     return torch.nn.functional.linear(x, w, self.bias)
 

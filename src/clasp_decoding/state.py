@@ -46,6 +46,7 @@ class DecodeState:
     prompt_len: int
     model: ModelState
     round: int = 0
+    solo: bool = True  # the generation has the runner to itself: drafts may run the model (not in a batch)
 
     @property
     def last_token(self) -> int:

@@ -56,13 +56,14 @@ class Draft:
 @dataclass
 class Outcome:
     """How a round went: ``accepted`` leading draft tokens were kept; ``hidden`` is ``[L + 1, k + 1, d]``
-    from the verification when the drafter asked for it."""
+    from the verification when the drafter asked for it; ``verify_seconds`` is ``None`` when the pass was
+    shared with other generations (a batch), so its time says nothing of this generation's own costs."""
 
     draft: Draft
     accepted: int
     hidden: torch.Tensor | None
     draft_seconds: float
-    verify_seconds: float
+    verify_seconds: float | None
 
 
 class Drafter:
@@ -86,6 +87,8 @@ class Drafter:
         return False
 
     def propose(self, state: DecodeState, max_tokens: int) -> Draft:
+        """At most ``max_tokens`` draft tokens. While ``state.solo`` is false (the generation shares each
+        forward pass with others: a batch) the drafter must not run the model itself."""
         raise NotImplementedError
 
     def observe(self, state: DecodeState, outcome: Outcome) -> Selection | None:

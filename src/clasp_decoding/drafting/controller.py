@@ -287,11 +287,15 @@ class Controller:
             best.rate = self._blend((Source.LOOKUP, match_bin(match_len)), best.rate)
         return best
 
-    def plan(self, num_skip: int, lookup_len: int, budget: int, match_len: int = 1) -> Decision:
+    def plan(
+        self, num_skip: int, lookup_len: int, budget: int, match_len: int = 1, layer_skip: bool = True
+    ) -> Decision:
         """This round: draft from prompt lookup (when it found ``lookup_len`` continuation tokens after a
-        match of ``match_len`` tokens), from the layer-skip draft, or not at all, whichever promises the
-        most tokens per second."""
+        match of ``match_len`` tokens), from the layer-skip draft (unless ``layer_skip`` is false: the
+        round shares its forward pass with a batch), or not at all, whichever promises the most tokens
+        per second."""
         s = self.state
+        layer_skip = layer_skip and self.layer_skip
         t0 = s.t_verify(0)
         if budget <= 0 or t0 is None:  # the first round is plain: it measures the reference
             return Decision(Source.PLAIN, 0, 0.0)
@@ -301,7 +305,7 @@ class Controller:
             look = self.lookup_plan(match_len, lookup_len, budget)
             if look.max_tokens > 0:
                 options.append(look)
-        if self.layer_skip:
+        if layer_skip:
             m, k, rate = self.best_skip(num_skip, budget)
             options.append(Decision(Source.LAYER_SKIP, k, rate, m))
         best = max(options, key=lambda p: p.rate, default=Decision(Source.PLAIN, 0, plain))
@@ -319,7 +323,7 @@ class Controller:
             # Look again, cheaply: a short lookup draft refreshes the estimate for this match length.
             return Decision(Source.LOOKUP, min(lookup_len, budget, 2), best.rate)
         if (
-            self.layer_skip
+            layer_skip
             and self.plain_streak >= s.skip_probe_every
             and self.could_pay(Source.LAYER_SKIP, num_skip, budget)
         ):
@@ -379,6 +383,10 @@ class Controller:
     ) -> None:
         s = self.state
         self.rounds += 1
+        if verify_seconds is None:  # a pass shared with a batch: acceptance is this text's, the time is not
+            if source is Source.LOOKUP and drafted:
+                self.copies.update(match_len, drafted, accepted)
+            return
         s.verify.setdefault(drafted, EMA()).update(verify_seconds)
         seconds = draft_seconds + verify_seconds
         if source is Source.LAYER_SKIP and drafted:

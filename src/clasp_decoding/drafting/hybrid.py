@@ -131,7 +131,7 @@ class HybridDrafter(Drafter):
             if self.use_lookup
             else ([], 0)
         )
-        plan = self.controller.plan(self.skip.num_skip, len(found), max_tokens, self.match_len)
+        plan = self.controller.plan(self.skip.num_skip, len(found), max_tokens, self.match_len, state.solo)
         self.drafting = plan.source
         if plan.source is Source.LOOKUP:
             return Draft(found[: plan.max_tokens], Source.LOOKUP)

@@ -95,6 +95,8 @@ class LayerSkipDrafter(Drafter):
         return self.dynamic and (state.round + 1) % state.config.layer_opt_interval == 0
 
     def propose(self, state: DecodeState, max_tokens: int) -> Draft:
+        if not state.solo:
+            return Draft([])
         runner, cache, sampler = state.runner, state.cache, state.sampler
         threshold = state.config.draft_exit_threshold
         max_tokens = min(max_tokens, state.config.max_draft_tokens)
