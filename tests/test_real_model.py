@@ -49,6 +49,7 @@ def test_greedy_clasp_equals_transformers_generate(real_model, prompt):
     """CLaSp (with its default quantized draft) and the default method, against transformers' generate
     (prompt lookup alone: test_long_lookup_drafts_stay_exact)."""
     model, tok = real_model
+    runner_for(model)  # generate with the project's numerics installed: the exact reference
     ids = encode_prompt(tok, prompt)
     cfg = GenerationConfig(max_new_tokens=40)
     ref, _ = hf_generate(model, tok, ids, cfg, eos_ids_of(model, tok))
@@ -127,3 +128,24 @@ def test_dp_drafts_better_than_every_other_layer(real_model):
             positions += 1
     assert positions >= 50
     assert hits["dp"] > hits["fixed"], hits
+
+
+@pytest.mark.slow
+def test_captured_graphs_on_the_real_model(real_model):
+    """The GPU path proven on the CPU with the real model: every graph captured through the CUDA-graph
+    stand-in, then greedy ``clasp`` and ``hybrid`` through the graph runner equal ``ar`` through it, the
+    first use of every graph included (``ar`` runs on a fresh runner whose graphs were just captured)."""
+    from clasp_decoding.baselines import pristine_copy
+    from clasp_decoding.context import use_graphs
+
+    model, tok = real_model
+    ids = encode_prompt(tok, PROMPTS[0])
+    cfg = GenerationConfig(max_new_tokens=32, draft_exit_threshold=0.0)
+    outputs = {}
+    for method in ("ar", "clasp", "hybrid"):
+        copy = pristine_copy(model)
+        runner = use_graphs(copy, capacity=len(ids) + 64, capture=True).runner
+        outputs[method] = generate(copy, tok, ids, cfg, method=method).token_ids
+        assert runner.late_captures == 0, method  # every graph captured before the generation ran
+        del copy, runner
+    assert outputs["clasp"] == outputs["ar"] and outputs["hybrid"] == outputs["ar"], outputs

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
+from .batching import Batch, Member
 from .config import GenerationConfig
 from .context import model_state
 from .decoding import Generation, GenerationResult
 from .drafting.registry import make_drafter
+from .errors import ConfigError
 from .text import IncrementalDecoder, Prompt, encode_prompt
 
 __all__ = ["GenerationResult", "eos_ids_of", "generate", "generation", "stream"]
@@ -28,9 +30,17 @@ def eos_ids_of(model, tokenizer) -> frozenset[int]:
 
 
 def generation(
-    model, tokenizer, prompt: Prompt, config: GenerationConfig | None = None, *, raw: bool = False, **overrides
+    model,
+    tokenizer,
+    prompt: Prompt,
+    config: GenerationConfig | None = None,
+    *,
+    raw: bool = False,
+    cache=None,
+    **overrides,
 ) -> Generation:
-    """A :class:`~.decoding.Generation` of ``prompt`` ready to run (validated, its cache allocated).
+    """A :class:`~.decoding.Generation` of ``prompt`` ready to run (validated, its cache allocated, or
+    ``cache``: a ``(cache, release)`` pair from a batch's pool).
 
     ``prompt`` is a string (the chat template is applied when the tokenizer has one, unless ``raw``), a
     list of chat messages, or a list of token ids (the only form without a tokenizer). Keyword options
@@ -49,26 +59,73 @@ def generation(
         model=state,
         eos_ids=eos_ids_of(model, tokenizer),
         detokenizer=IncrementalDecoder(tokenizer, cfg.stop) if tokenizer is not None else None,
+        cache=cache,
     )
+
+
+def is_batch(prompt) -> bool:
+    """Whether ``prompt`` is several prompts: a list of strings, or of lists (token ids or chat messages);
+    a list of messages (dicts) or of token ids (ints) is one prompt."""
+    if isinstance(prompt, str) or not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    return all(isinstance(p, str) for p in prompt) or all(isinstance(p, (list, tuple)) for p in prompt)
 
 
 def generate(
     model,
     tokenizer,
-    prompt: Prompt,
+    prompt: Prompt | Sequence[Prompt],
     config: GenerationConfig | None = None,
     *,
     raw: bool = False,
     callback: Callable[[str], None] | None = None,
+    max_batch: int | None = None,
     **overrides,
-) -> GenerationResult:
+) -> GenerationResult | list[GenerationResult]:
     """Generate a continuation of ``prompt`` with CLaSp (or ``method=...``); return text, ids and stats.
-    ``callback`` receives each text piece as it is made. See :func:`generation` for the arguments."""
+    ``callback`` receives each text piece as it is made. See :func:`generation` for the arguments.
+
+    Several prompts (``[p1, p2, ...]``) run together on the batch scheduler (:mod:`.batching`), at most
+    ``max_batch`` at once (default: all), and give a list of results in the same order; each is the result
+    that prompt gets alone."""
+    if is_batch(prompt):
+        if callback is not None:
+            raise ConfigError("callback= streams one prompt; with several, read each result's text.")
+        return _generate_batch(model, tokenizer, list(prompt), config, raw, max_batch, overrides)
     gen = generation(model, tokenizer, prompt, config, raw=raw, **overrides)
     for chunk in gen:
         if callback is not None and chunk.text:
             callback(chunk.text)
     return gen.result()
+
+
+def _generate_batch(model, tokenizer, prompts: list, config, raw: bool, max_batch, overrides) -> list:
+    cfg = config or GenerationConfig()
+    if overrides:
+        cfg = cfg.updated(**overrides)
+    runner = model_state(model).runner
+    encoded = [encode_prompt(tokenizer, p, raw=raw) if tokenizer is not None else list(p) for p in prompts]
+    size = max(1, min(max_batch or len(encoded), len(encoded)))
+    longest = max(len(ids) for ids in encoded)
+    batch = Batch(runner, size * (longest + cfg.max_new_tokens + runner.scratch_slots()), size)
+    waiting = list(enumerate(encoded))
+    members: dict[int, Member] = {}
+    errors: list[BaseException] = []
+    while waiting or batch.members:
+        while waiting and not batch.full and not errors:
+            i, ids = waiting[0]
+            room = batch.cache_for(len(ids), cfg.max_new_tokens)
+            if room is None:
+                break
+            waiting.pop(0)
+            members[i] = Member(generation(model, tokenizer, ids, cfg, cache=room), on_error=errors.append)
+            batch.join(members[i])
+        if errors:
+            for m in batch.members:
+                m.generation.close()
+            raise errors[0]
+        batch.iterate()
+    return [members[i].generation.result() for i in range(len(encoded))]
 
 
 def stream(

@@ -181,11 +181,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     config = config_from_args(a)
     if a.max_queue < 1 or a.timeout <= 0 or a.default_max_tokens < 1 or a.max_body_mb <= 0:
         raise ClaspError("--max-queue, --timeout, --default-max-tokens and --max-body-mb must be positive.")
+    if (a.max_batch is not None and a.max_batch < 1) or (a.kv_pool_tokens is not None and a.kv_pool_tokens < 1):
+        raise ClaspError("--max-batch and --kv-pool-tokens must be positive.")
     key = a.api_key or os.environ.get("CLASP_API_KEY") or None
     check_bind(a.host, key, a.insecure_no_auth)  # before the model loads: fail fast
     settings = ServerSettings(
         base_config=config,
         max_queue=a.max_queue,
+        max_batch=a.max_batch,
+        kv_pool_tokens=a.kv_pool_tokens,
         request_timeout=a.timeout,
         default_max_tokens=a.default_max_tokens,
         api_key=key,
@@ -242,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     from .bench.cli import add_bench_parser
+    from .bench.load import add_load_parser
 
     add_bench_parser(sub)
+    add_load_parser(sub)
 
     s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
     add_model_args(s)
@@ -254,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, in MiB (413 beyond)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get HTTP 429")
+    s.add_argument(
+        "--max-batch", type=int, default=None, help="requests generated together (default: chosen by measurement)"
+    )
+    s.add_argument(
+        "--kv-pool-tokens",
+        type=int,
+        default=None,
+        help="cache slots the running requests share (default: max-batch x the model's context, at most 4096 each)",
+    )
     s.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
     s.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when a request sets none")
     s.add_argument("--log-level", default="info")

@@ -88,6 +88,19 @@ class CostTable:
     draft_step: dict[str, float] = field(default_factory=dict)
     num_skip: int = 0
 
+    def rows(self, n: int) -> float | None:
+        """Seconds of a pass over ``n`` rows (``verify[n - 1]``), interpolated between measured counts;
+        ``None`` beyond the longest measured."""
+        k = n - 1
+        if k in self.verify:
+            return self.verify[k]
+        below = [c for c in self.verify if c < k]
+        above = [c for c in self.verify if c > k]
+        if not below or not above:
+            return None
+        lo, hi = max(below), min(above)
+        return self.verify[lo] + (self.verify[hi] - self.verify[lo]) * (k - lo) / (hi - lo)
+
     def seed(self, state, quant: str = "none") -> None:
         """Start a controller's estimates (:class:`~.drafting.controller.ControllerState`) from these."""
         for k, seconds in self.verify.items():

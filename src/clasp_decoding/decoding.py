@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -35,6 +36,8 @@ from .text import IncrementalDecoder
 KEYED_UNSEEDED = True
 """Unseeded sampling uses position-keyed sampling too, with a random seed (docs/sampling.md explains the
 measurement behind this choice); ``False`` switches it to speculative sampling."""
+
+T = TypeVar("T")
 
 Stopper = Callable[[list[int], int], int | None]
 """``stopper(tokens, new)``: after a round added ``new`` tokens to ``tokens`` (prompt included), how many
@@ -93,7 +96,10 @@ class Generation:
         detokenizer: IncrementalDecoder | None = None,
         stopper: Stopper | None = None,
         sampler_mode: str | None = None,
+        cache=None,
     ) -> None:
+        """``cache``: ``(cache, release)`` from elsewhere (a batch's pool) instead of one from the runner;
+        ``release(cache)`` is called when the generation ends."""
         config.validate(runner.num_layers)
         prompt = list(prompt_ids)
         bad = [t for t in prompt if not 0 <= t < runner.vocab_size]
@@ -102,8 +108,11 @@ class Generation:
         model = model or ModelState(runner)
         runner.check_fits(len(prompt), config.max_new_tokens)
         drafter.warm_up(model, config)
-        cache = runner.new_cache(len(prompt), config.max_new_tokens)
-        self._release = weakref.finalize(self, runner.release_cache, cache)
+        if cache is None:
+            cache, release = runner.new_cache(len(prompt), config.max_new_tokens), runner.release_cache
+        else:
+            cache, release = cache
+        self._release = weakref.finalize(self, release, cache)
         eos = frozenset(eos_ids)
         self.state = DecodeState(
             runner=runner,
@@ -137,10 +146,13 @@ class Generation:
         """Prefill (first call) or one round; ``None`` once the generation has ended."""
         if self.done:
             return None
+        return self._guarded(lambda: self.finish(self._prefill() if self.stats.steps == 0 else self._round()))
+
+    def _guarded(self, work: Callable[[], T]) -> T:
+        """Run part of a step: its time counted, the cache given back if it fails or the generation ends."""
         t0 = time.perf_counter()
         try:
-            new = self._prefill() if self.stats.steps == 0 else self._round()
-            chunk = self.finish(new)
+            chunk = work()
         except BaseException:
             self.close()
             raise
@@ -149,6 +161,30 @@ class Generation:
         if self.done:
             self.close()
         return chunk
+
+    # A step shared with other generations (a batch, :mod:`.batching`): ``rows()`` gives this
+    # generation's tokens for the pass (the prompt, or the last token and a draft) and the first slot;
+    # the batch runs them with everyone else's; ``advance(logits, started)`` takes this generation's
+    # logits (the last row for a prompt) and ends the step.
+
+    def rows(self, limit: int | None = None) -> tuple[list[int], int]:
+        """The tokens this generation puts in the next shared pass, and the slot of the first one. A
+        draft (of at most ``limit`` tokens) is made here, without running the model."""
+        s = self.state
+        if self.stats.steps == 0:
+            return list(s.tokens), 0
+        s.solo = False
+        try:
+            draft = self._guarded(lambda: self.draft(limit))
+        finally:
+            s.solo = True
+        return [s.last_token, *draft.tokens], s.cache.length
+
+    def advance(self, logits: torch.Tensor, started: float) -> Chunk:
+        """End a shared step with this generation's ``logits``."""
+        if self.stats.steps == 0:
+            return self._guarded(lambda: self.finish(self._prefilled(logits, None, started)))
+        return self._guarded(lambda: self.finish(self.verified(logits, None, started, shared=True)))
 
     def run(self) -> GenerationResult:
         """Generate to the end; the result."""
@@ -178,18 +214,22 @@ class Generation:
 
     def _prefill(self) -> list[int]:
         """Every prompt token through every layer; the first new token comes from its last row."""
-        s, stats = self.state, self.stats
+        s = self.state
         t0 = time.perf_counter()
         prompt = torch.tensor(s.tokens, device=s.runner.device)
         logits, hidden = s.runner.forward(
             s.cache, prompt, 0, last_only=True, collect_hidden=self.drafter.wants_prefill_hidden()
         )
+        return self._prefilled(logits, hidden[:, -1] if hidden is not None else None, t0)
+
+    def _prefilled(self, logits: torch.Tensor, hidden: torch.Tensor | None, started: float) -> list[int]:
+        s, stats = self.state, self.stats
         s.cache.rollback(s.prompt_len)
         first = int(s.sampler.choose(logits, s.prompt_len)[0])
-        stats.time_prefill = time.perf_counter() - t0
+        stats.time_prefill = time.perf_counter() - started
         stats.steps = 1
         s.tokens.append(first)
-        self._record(self.drafter.start(s, hidden[:, -1] if hidden is not None else None))
+        self._record(self.drafter.start(s, hidden))
         return [first]
 
     def _round(self) -> list[int]:

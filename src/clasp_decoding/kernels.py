@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import mmap
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import torch
 from .paths import cache_dir
 
 SOURCES = Path(__file__).with_name("csrc")
-FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-Wno-ignored-attributes"]
 """``-ffp-contract=off``: the compiler may not fuse a multiply and an add on its own, so each kernel's
 order of operations is the one written (explicit FMA intrinsics stay FMAs)."""
 
@@ -62,9 +64,18 @@ def _with_ninja_on_path() -> None:
         pass
 
 
-@functools.cache
+_LOCK = threading.Lock()
+
+
 def _load() -> str | None:
-    """Build (once per machine) and load the kernels; ``None`` on success, else why they are unavailable."""
+    """Build (once per machine) and load the kernels (once per process, whichever thread asks first);
+    ``None`` on success, else why they are unavailable."""
+    with _LOCK:
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> str | None:
     if os.environ.get("CLASP_KERNELS", "1") == "0":
         return "switched off by CLASP_KERNELS=0"
     if not _sources():
@@ -110,6 +121,29 @@ def _warn_once(reason: str) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+HUGE_PAGE = 2 << 20
+
+
+def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in memory the kernel backs with 2 MB pages where it can (Linux transparent huge
+    pages, asked for with ``madvise``), else ``t`` itself. Streaming gigabytes of weights through 4 KB
+    pages misses the TLB at every page: measured 6-8% more read bandwidth for a 1-row product with huge
+    pages here (AMD Zen 5). Small tensors and tensors that are not plain contiguous CPU memory stay as
+    they are."""
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or not t.is_contiguous() or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    try:
+        area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        area.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return t
+    out = torch.frombuffer(area, dtype=t.dtype, count=t.numel()).view(t.shape)  # keeps ``area`` alive
+    out.copy_(t)
+    return out
 
 
 def isas() -> list[str]:

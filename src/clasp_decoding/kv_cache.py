@@ -40,16 +40,22 @@ class KVCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write ``[1, heads, n, dim]`` keys/values at the routed slots; return views of the readable part."""
+        keys, values = self.write(layer_idx, key_states, value_states, self._write_start)
+        return keys[:, :, : self._read_len], values[:, :, : self._read_len]
+
+    def write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, start: int):
+        """Write ``[1, heads, n, dim]`` keys/values of one layer at slots ``start ..``; return the buffers."""
         keys = self.keys[layer_idx]
         if keys is None:
             keys, values = self._allocate(layer_idx, key_states, value_states)
         else:
             values = self.values[layer_idx]
         n = key_states.shape[-2]
-        start = self._write_start
+        if start + n > self.capacity:
+            raise IndexError(f"KV cache overflow: slot {start + n - 1} asked of a cache with {self.capacity} slots")
         keys[:, :, start : start + n].copy_(key_states)
         values[:, :, start : start + n].copy_(value_states)
-        return keys[:, :, : self._read_len], values[:, :, : self._read_len]
+        return keys, values
 
     def _allocate(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         b, h, _, d = key_states.shape
@@ -69,6 +75,94 @@ class KVCache:
     # Hugging Face attention code occasionally asks these; answer them truthfully.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class KVPool:
+    """Cache memory for many generations at once, sized once: per layer one buffer of ``slots`` slots,
+    carved into per-generation caches (:class:`PoolCache`, views: nothing is copied, ever) by first fit.
+    A pool bounds what concurrent generations can hold, whatever they ask."""
+
+    def __init__(self, num_layers: int, slots: int, dtype: torch.dtype) -> None:
+        self.num_layers, self.slots, self.dtype = num_layers, slots, dtype
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # made at a layer's first write
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.free: list[tuple[int, int]] = [(0, slots)]  # (start, length), sorted, coalesced
+
+    def allocate(self, capacity: int) -> PoolCache | None:
+        """A cache of ``capacity`` slots, or ``None`` while the pool has no such free stretch."""
+        for i, (start, length) in enumerate(self.free):
+            if length >= capacity:
+                rest = (start + capacity, length - capacity)
+                self.free[i : i + 1] = [rest] if rest[1] else []
+                return PoolCache(self, start, capacity)
+        return None
+
+    def release(self, cache: PoolCache) -> None:
+        """Give ``cache``'s slots back (once; later calls do nothing)."""
+        if cache.released:
+            return
+        cache.released = True
+        self.free.append((cache.offset, cache.capacity))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for start, length in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                merged.append((start, length))
+        self.free = merged
+
+    @property
+    def used(self) -> int:
+        return self.slots - sum(length for _, length in self.free)
+
+    def layer(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """The pool's buffers for ``layer_idx``, made at its first write (shapes from the first keys)."""
+        if self.keys[layer_idx] is None:
+            b, h, _, d = key_states.shape
+            dev = key_states.device
+            self.keys[layer_idx] = torch.zeros(b, h, self.slots, d, dtype=self.dtype, device=dev)
+            self.values[layer_idx] = torch.zeros(
+                b, value_states.shape[1], self.slots, value_states.shape[-1], dtype=self.dtype, device=dev
+            )
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class PoolCache(KVCache):
+    """A generation's cache: slots ``[offset, offset + capacity)`` of a :class:`KVPool`."""
+
+    def __init__(self, pool: KVPool, offset: int, capacity: int) -> None:
+        super().__init__(pool.num_layers, capacity, pool.dtype)
+        self.pool, self.offset, self.released = pool, offset, False
+
+    def _allocate(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        keys, values = self.pool.layer(layer_idx, key_states, value_states)
+        span = slice(self.offset, self.offset + self.capacity)
+        self.keys[layer_idx], self.values[layer_idx] = keys[:, :, span], values[:, :, span]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class BatchCache:
+    """Several generations' caches behind the one ``update`` a layer calls during a batched pass: each
+    stretch of rows is written to its own generation's cache at its own slots. (Attention then reads
+    each generation's cache itself: :class:`~.numerics.BatchRows`.)"""
+
+    def __init__(self, segments: list[tuple[KVCache, int, int]]) -> None:
+        self.segments = segments  # (cache, first slot, rows)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        at = 0
+        for cache, start, rows in self.segments:
+            cache.write(layer_idx, key_states[:, :, at : at + rows], value_states[:, :, at : at + rows], start)
+            at += rows
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
 
     @property
     def is_compileable(self) -> bool:

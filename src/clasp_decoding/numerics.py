@@ -59,6 +59,24 @@ class RowSpec:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One generation's rows in a batched pass: ``rows`` query rows at slots ``start ..`` of ``cache``."""
+
+    cache: object
+    start: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """How the runner wants a batched pass attended: its rows, generation by generation (in order), each
+    over its own cache; ``window`` as in :class:`RowSpec`."""
+
+    segments: tuple[Segment, ...]
+    window: int | None = None
+
+
+@dataclass(frozen=True)
 class NumericsReport:
     """What :func:`install` could guarantee for a model."""
 
@@ -132,6 +150,8 @@ def _make_backend(inner_name: str):
 
     def clasp_attention(module, query, key, value, attention_mask, *args, clasp_rows: RowSpec | None = None, **kwargs):
         inner = _inner_function(inner_name, module)
+        if isinstance(clasp_rows, BatchRows):
+            return _batched(clasp_attention, module, query, clasp_rows, args, kwargs)
         if clasp_rows is None:
             if query.shape[2] == 1 and attention_mask is None and _kernel_attends(inner_name, query, key, kwargs):
                 # transformers' decoding step (its cache holds exactly the keys this query sees)
@@ -165,6 +185,28 @@ def _make_backend(inner_name: str):
 
     clasp_attention.__name__ = f"clasp_{inner_name}"
     return clasp_attention
+
+
+def _batched(attend, module, query, batch: BatchRows, args, kwargs):
+    """A batched pass: each generation's rows attended over its own cache exactly as they would be alone
+    (a prefill from slot 0 as one call, other rows one by one), then side by side again."""
+    layer = module.layer_idx
+    outs, at = [], 0
+    for seg in batch.segments:
+        end = seg.start + seg.rows
+        keys, values = seg.cache.keys[layer][:, :, :end], seg.cache.values[layer][:, :, :end]
+        mask = None
+        if seg.start == 0 and seg.rows > 1 and batch.window is not None and seg.rows >= batch.window:
+            # a prefill longer than the window: the sliding causal mask a prefill alone is given
+            pos = torch.arange(seg.rows, device=query.device)
+            allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - batch.window)
+            mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+            mask = mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)[None, None]
+        spec = RowSpec(seg.start, "causal", batch.window)
+        out, _ = attend(module, query[:, :, at : at + seg.rows], keys, values, mask, *args, clasp_rows=spec, **kwargs)
+        outs.append(out)
+        at += seg.rows
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
 
 
 def _rows(inner, inner_name, module, query, key, value, attention_mask, rows: RowSpec, first: int, args, kwargs):
@@ -336,10 +378,15 @@ def install_linear(model) -> tuple[str, int]:
     for m in linears:
         if _key(m) not in verdicts:
             verdicts[_key(m)] = _verdict(m)
+    moved: set[int] = set()
     for m in linears:
         mode = verdicts[_key(m)][0]
         if mode == "kernel":
             m.forward = types.MethodType(_kernel_forward, m)
+            if id(m.weight) not in moved:  # a tied head shares its weight with the embedding: once
+                moved.add(id(m.weight))
+                with torch.no_grad():
+                    m.weight.data = kernels.in_huge_pages(m.weight.data)
         elif mode == "padded":
             m.register_forward_pre_hook(_pad_pre_hook)
             m.register_forward_hook(_unpad_hook)

@@ -75,11 +75,12 @@ class QuantLinear(nn.Module):
         self.fused = self.own or _probe or (fused if fused is not None else fused_available(kind, dev.type))
         if kind == "int8":
             scale = w.abs().amax(1).clamp_min(1e-8) / 127
-            self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
+            q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+            self.register_buffer("qweight", kernels.in_huge_pages(q) if self.own else q)
             self.register_buffer("scale", scale if self.own else scale.to(torch.bfloat16))
         elif kind == "int4" and self.own:
             packed, scale, zero = kernels.pack_int4(w, self.group)
-            self.register_buffer("qweight", packed)
+            self.register_buffer("qweight", kernels.in_huge_pages(packed))
             self.register_buffer("scale", scale)
             self.register_buffer("zero", zero)
         elif kind == "int4":

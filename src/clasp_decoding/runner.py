@@ -27,8 +27,8 @@ from torch import nn
 from .draft_head import VocabSubset
 from .errors import InputError
 from .families import check_supported, model_parts
-from .kv_cache import KVCache
-from .numerics import RowSpec, install
+from .kv_cache import BatchCache, KVCache
+from .numerics import BatchRows, RowSpec, Segment, install
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -262,6 +262,51 @@ class ModelRunner:
                 states.append(kept(hidden) if self.single_device else kept(hidden).to(self.device))
         out = hidden[0, -1:] if last_only else hidden[0]
         return self.logits(out, vocab), (torch.stack(states) if states is not None else None)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether :meth:`forward_batch` can run this model: one device, its attention the row-exact sdpa
+        wrapper and the project's kernels (which attend each generation's rows over its own cache; the
+        linear mode "kernel" says they were built)."""
+        return (
+            self.row_exact
+            and self.single_device
+            and self.device.type == "cpu"
+            and self.config._attn_implementation == "clasp_sdpa"
+            and self.numerics.linear_mode == "kernel"
+        )
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: Sequence[tuple[KVCache, Sequence[int], int, bool]]) -> list[torch.Tensor]:
+        """One pass over several generations' rows: ``(cache, tokens, start, last_only)`` each, the tokens
+        at positions ``start ..`` of that generation (a prompt from 0, or a verification's last token and
+        drafts). Each generation's K/V go to its own cache and its rows attend only to it; linear layers
+        run all rows together, and their kernels are row-invariant, so every row's logits are the bits it
+        would have alone. Returns float32 logits per generation (its last row only with ``last_only``)."""
+        tokens = [t for _, toks, _, _ in segments for t in toks]
+        positions = [start + i for _, toks, start, _ in segments for i in range(len(toks))]
+        q = len(tokens)
+        ids = torch.tensor(tokens, device=self.embed_device).view(1, q)
+        hidden = self._embed(ids)
+        position_ids = torch.tensor(positions, device=hidden.device)[None]
+        pe = self._rotary(hidden, position_ids)
+        spans = tuple(Segment(cache, start, len(toks)) for cache, toks, start, _ in segments)
+        plans = {
+            kind: BatchRows(spans, self.sliding_window if kind == "sliding_attention" else None)
+            for kind in set(self.layer_types)
+        }
+        writes = BatchCache([(cache, start, len(toks)) for cache, toks, start, _ in segments])
+        for i in self.all_layers:
+            kind = self.layer_types[i]
+            hidden = self._run_layer(self.layers[i], hidden, None, pe[kind], position_ids, writes, plans[kind])
+        keep, ends, at = [], [], 0
+        for _, toks, _, last_only in segments:
+            rows = range(at + len(toks) - 1, at + len(toks)) if last_only else range(at, at + len(toks))
+            keep.extend(rows)
+            ends.append(len(keep))
+            at += len(toks)
+        logits = self.logits(hidden[0, keep])
+        return [logits[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
     @torch.inference_mode()
     def layer_candidates(

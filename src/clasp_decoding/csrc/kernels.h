@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -56,6 +57,22 @@ CLASP_DECLARE_ISA(avx2)
 CLASP_DECLARE_ISA(avx512)
 CLASP_DECLARE_ISA(avx512bf16)
 #endif
+
+// Scratch of ``n`` vector registers' worth (64-byte aligned, freed with the scope); empty when n == 0.
+template <class T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t n)
+      : p_(n > 0 ? static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64)) : nullptr) {}
+  ~AlignedBuffer() { std::free(p_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* get() const { return p_; }
+  explicit operator bool() const { return p_ != nullptr; }
+
+ private:
+  T* p_;
+};
 
 // fp32 -> bf16, round to nearest even, NaN kept quiet (as c10::BFloat16 rounds).
 inline uint16_t to_bf16(float f) {

@@ -12,7 +12,7 @@
 namespace clasp {
 namespace avx2 {
 
-constexpr int MB = 2, NB = 4, MB_I4 = 1, NB_I4 = 4;
+constexpr int MB = 2, NB = 4, MB_WIDE = 1, NB_WIDE = 6, MB_I4 = 1, NB_I4 = 4;
 
 template <class T>
 static inline void tail(const T* p, int n, T* buf) {  // n < 8 elements, zero-padded to a full step
@@ -103,17 +103,7 @@ struct AOps {  // attention: fp32 lanes
 #include "kernels_impl.h"
 
 bool x_is_bf16(WeightKind) { return false; }
-
-void linear(const LinearArgs& a, int64_t n0, int64_t n1) {
-  switch (a.kind) {
-    case WeightKind::BF16: run<BF16>(a, n0, n1); break;
-    case WeightKind::F32: run<F32>(a, n0, n1); break;
-    case WeightKind::I8: run<I8>(a, n0, n1); break;
-    case WeightKind::I4: run_i4<Base, Q4>(a, n0, n1); break;
-  }
-}
-
-
+void linear(const LinearArgs& a, int64_t n0, int64_t n1) { linear_fp32_x<BF16, F32, I8, Base, Q4>(a, n0, n1); }
 void attention(const AttnArgs& a, int64_t t0, int64_t t1) { attend<AOps>(a, t0, t1); }
 
 }  // namespace avx2

@@ -11,7 +11,7 @@
 namespace clasp {
 namespace avx512 {
 
-constexpr int MB = 6, NB = 4, MB_I4 = 2, NB_I4 = 4;
+constexpr int MB = 6, NB = 4, MB_WIDE = 2, NB_WIDE = 8, MB_I4 = 2, NB_I4 = 4;
 
 static inline __mmask16 first(int n) { return static_cast<__mmask16>(_bzhi_u32(0xffffu, n)); }
 
@@ -87,17 +87,7 @@ struct AOps {  // attention: fp32 lanes
 #include "kernels_impl.h"
 
 bool x_is_bf16(WeightKind) { return false; }
-
-void linear(const LinearArgs& a, int64_t n0, int64_t n1) {
-  switch (a.kind) {
-    case WeightKind::BF16: run<BF16>(a, n0, n1); break;
-    case WeightKind::F32: run<F32>(a, n0, n1); break;
-    case WeightKind::I8: run<I8>(a, n0, n1); break;
-    case WeightKind::I4: run_i4<Base, Q4>(a, n0, n1); break;
-  }
-}
-
-
+void linear(const LinearArgs& a, int64_t n0, int64_t n1) { linear_fp32_x<BF16, F32, I8, Base, Q4>(a, n0, n1); }
 void attention(const AttnArgs& a, int64_t t0, int64_t t1) { attend<AOps>(a, t0, t1); }
 
 }  // namespace avx512

@@ -11,7 +11,7 @@
 namespace clasp {
 namespace avx512bf16 {
 
-constexpr int MB = 6, NB = 4, MB_I4 = 2, NB_I4 = 4;
+constexpr int MB = 6, NB = 4, MB_WIDE = 2, NB_WIDE = 8, MB_I4 = 2, NB_I4 = 4;
 
 static inline __mmask32 first(int n) { return static_cast<__mmask32>(_bzhi_u32(0xffffffffu, n)); }
 

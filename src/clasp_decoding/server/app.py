@@ -50,6 +50,8 @@ class ServerSettings:
     check_host: bool = True  # bound to loopback: answer only requests addressed to loopback names
     max_body_bytes: int = 4 << 20
     limits: Limits = field(default_factory=Limits)
+    max_batch: int | None = None  # requests generated together (None: chosen by measurement)
+    kv_pool_tokens: int | None = None  # cache slots the running requests share (None: max_batch x context)
 
 
 class RequestChecker:
@@ -220,7 +222,13 @@ def create_app(model, tokenizer, model_name: str, settings: ServerSettings | Non
     """The FastAPI app serving ``model`` under ``model_name`` (``kwargs`` set fields of
     :class:`ServerSettings`)."""
     settings = settings or ServerSettings(**kwargs)
-    engine = Engine(model, tokenizer, max_queue=settings.max_queue)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_queue=settings.max_queue,
+        max_batch=settings.max_batch,
+        pool_tokens=settings.kv_pool_tokens,
+    )
     metrics = Metrics(engine)
     checker = RequestChecker(model, tokenizer, model_name, settings)
     dispatcher = Dispatcher(engine, metrics, settings.request_timeout, settings.max_queue)
@@ -273,7 +281,8 @@ def _routes(app, model_name, settings, metrics, checker, dispatcher, prep, prep_
             "status": "ok",
             "model": model_name,
             "queue_length": engine.queue_length(),
-            "running": engine.running is not None,
+            "running": engine.running,
+            "max_batch": engine.max_batch,
         }
 
     @app.get("/metrics")

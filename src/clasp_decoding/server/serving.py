@@ -47,7 +47,9 @@ class Metrics:
         self.queue = Gauge("clasp_queue_length", "Requests waiting", registry=r)
         self.queue.set_function(engine.queue_length)
         self.running = Gauge("clasp_running_requests", "Requests being generated", registry=r)
-        self.running.set_function(lambda: 1.0 if engine.running is not None else 0.0)
+        self.running.set_function(lambda: float(engine.running))
+        self.pool = Gauge("clasp_kv_pool_used_slots", "Cache slots held by running requests", registry=r)
+        self.pool.set_function(lambda: float(engine.batch.pool.used))
 
     def count(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint if endpoint in ENDPOINTS else "other", str(status)).inc()

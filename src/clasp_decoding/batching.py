@@ -1,0 +1,232 @@
+"""Many generations at once: continuous batching with speculation per generation.
+
+The scheduler (:class:`Batch`) decides each iteration who runs and with how many rows; each generation
+(:class:`~.decoding.Generation`) keeps its own state (tokens, sampler and seed, drafter, stop strings,
+statistics); the runner runs the rows (:meth:`~.runner.ModelRunner.forward_batch`). One iteration:
+
+1. admit waiting generations that fit the cache pool (:class:`~.kv_cache.KVPool`, sized once: a full pool
+   makes requests wait, never grow memory); their prompts are prefilled in the next pass;
+2. each running generation proposes its draft (prompt lookup, within the row budget the load policy
+   gives it; drafts that would run the model are for a generation alone);
+3. one forward pass over every generation's rows: its prompt, or its last token and its draft;
+4. each generation accepts, rolls back, stops (end of sequence, length, stop strings), streams.
+
+A request's text does not depend on what it was batched with: every linear layer runs on row-invariant
+kernels, every row attends only to its own generation's cache (through the same kernel as alone), a
+prompt is prefilled as one call of its own, and sampling is keyed by (seed, position). So greedy and
+seeded text equal the text the request gets alone, whatever joined, left or failed beside it (tested).
+
+A generation alone runs its ordinary rounds (:meth:`~.decoding.Generation.step`): the full hybrid,
+layer-skip drafts included, as a single user gets. With several, whether drafting pays depends on the
+load: rows are nearly free while a pass is bound by reading the weights, not beyond. :class:`LoadPolicy`
+measures both at each batch size, plain passes and passes with lookup drafts, and keeps the faster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .decoding import Chunk, Generation
+from .errors import InputError
+from .kv_cache import KVPool
+
+MAX_ROWS = 64
+"""Rows of one batched pass, prompts aside (a prompt is prefilled whole): drafts are cut to fit."""
+
+
+class _Rate:
+    """Tokens over seconds of recent passes (older ones discounted), and how many were seen."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay, self.tokens, self.seconds, self.passes = decay, 0.0, 0.0, 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens = self.decay * self.tokens + tokens
+        self.seconds = self.decay * self.seconds + seconds
+        self.passes += 1
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class LoadPolicy:
+    """Per batch size, whether this iteration drafts (prompt lookup) or decodes plainly: each is tried a
+    few passes, then the one with more tokens per second is kept, the other re-tried now and then (the
+    text moves). Drafting cannot cost more than its measured difference, so batched decoding with it is
+    never much below plain batched decoding."""
+
+    def __init__(self, trial: int = 4, probe_every: int = 16) -> None:
+        self.trial, self.probe_every = trial, probe_every
+        self.rates: dict[tuple[int, bool], _Rate] = {}
+        self.passes: dict[int, int] = {}
+
+    def drafting(self, size: int) -> bool:
+        n = self.passes.get(size, 0)
+        self.passes[size] = n + 1
+        plain, draft = self.rates.get((size, False)), self.rates.get((size, True))
+        for arm, rate in ((False, plain), (True, draft)):
+            if rate is None or rate.passes < self.trial:
+                return arm
+        best = draft.rate() > plain.rate()
+        return (not best) if n % self.probe_every == 0 else best
+
+    def observe(self, size: int, drafting: bool, tokens: int, seconds: float) -> None:
+        self.rates.setdefault((size, drafting), _Rate()).add(tokens, seconds)
+
+
+@dataclass
+class Member:
+    """A generation in the batch, with what the scheduler needs of it."""
+
+    generation: Generation
+    on_chunk: Callable[[Chunk], None] = lambda chunk: None
+    cancelled: Callable[[], bool] = lambda: False
+    on_error: Callable[[BaseException], None] = lambda e: None
+    key: object = None
+    tokens: list[int] = field(default_factory=list)
+    start: int = 0
+
+
+class Batch:
+    """The scheduler: admits generations into a pool of cache slots, and steps all of them together.
+
+    ``make(pool)`` callables queued with :meth:`add` build a generation on a pool cache (or raise); the
+    batch calls them when the pool has room. :meth:`iterate` runs one iteration; :meth:`run` until every
+    generation ended (the Python API's batch form)."""
+
+    def __init__(self, runner, pool_slots: int, max_batch: int) -> None:
+        self.runner = runner
+        self.pool = KVPool(runner.num_layers, pool_slots, runner.dtype)
+        self.max_batch = max_batch
+        self.members: list[Member] = []
+        self.policy = LoadPolicy()
+
+    @property
+    def full(self) -> bool:
+        return len(self.members) >= self.max_batch
+
+    def cache_for(self, prompt_len: int, max_new_tokens: int):
+        """A pool cache for a generation of this size, with its release; ``None`` while the pool is full.
+        Raises :class:`~.errors.InputError` for one that could never fit. A runner that cannot batch (the
+        GPU's graph runner, with its one static cache) gives its own cache, one generation at a time."""
+        if not self.runner.batchable:
+            return self.runner.new_cache(prompt_len, max_new_tokens), self.runner.release_cache
+        need = prompt_len + max_new_tokens + self.runner.scratch_slots()
+        if need > self.pool.slots:
+            raise InputError(
+                f"The prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} cache slots; "
+                f"this server's cache pool holds {self.pool.slots}. Ask for fewer tokens."
+            )
+        cache = self.pool.allocate(need)
+        return None if cache is None else (cache, self.pool.release)
+
+    def join(self, member: Member) -> None:
+        self.members.append(member)
+
+    def iterate(self) -> None:
+        """One iteration: a solo step for a lone generation (or where the runner cannot batch), else one
+        shared pass for all."""
+        self.members = [m for m in self.members if self._alive(m)]
+        if not self.members:
+            return
+        if len(self.members) == 1 or not self.runner.batchable:
+            for m in list(self.members):
+                self._solo(m)
+        else:
+            self._shared()
+        self.members = [m for m in self.members if self._alive(m)]
+
+    def run(self) -> None:
+        while self.members:
+            self.iterate()
+
+    # ------------------------------------------------------------------ the two kinds of iteration
+
+    def _alive(self, m: Member) -> bool:
+        if m.generation.done:
+            return False
+        if m.cancelled():
+            m.generation.close()
+            return False
+        return True
+
+    def _solo(self, m: Member) -> None:
+        try:
+            chunk = m.generation.step()
+        except Exception as e:  # one generation's failure is its own
+            self._fail(m, e)
+            return
+        if chunk is not None:
+            m.on_chunk(chunk)
+
+    def _shared(self) -> None:
+        size = len(self.members)
+        drafting = self.policy.drafting(size)
+        decoding = [m for m in self.members if m.generation.stats.steps > 0]
+        limit = max(0, (MAX_ROWS - size) // max(1, len(decoding))) if drafting else 0
+        ready = []
+        for m in self.members:
+            try:
+                m.tokens, m.start = m.generation.rows(limit)
+            except Exception as e:
+                self._fail(m, e)
+                continue
+            ready.append(m)
+        if not ready:
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.forward_batch(
+                [(m.generation.state.cache, m.tokens, m.start, m.start == 0) for m in ready]
+            )
+        except Exception:
+            logits = self._apart(ready)  # find whose rows failed; the others' results are the same bits
+        before = sum(m.generation.state.generated for m in ready)
+        for m, rows in zip(ready, logits, strict=True):
+            if rows is None:
+                continue
+            try:
+                chunk = m.generation.advance(rows, t0)
+            except Exception as e:
+                self._fail(m, e)
+                continue
+            m.on_chunk(chunk)
+        if all(m.start > 0 for m in ready):  # a pass with prompts in it says nothing about decoding speed
+            made = sum(m.generation.state.generated for m in ready) - before
+            self.policy.observe(size, drafting, made, time.perf_counter() - t0)
+
+    def _apart(self, ready: list[Member]) -> list:
+        """After a failed shared pass: each generation's rows alone (row-invariant kernels: the same bits
+        they would have had together); a generation whose rows fail alone gets the error."""
+        out = []
+        for m in ready:
+            cache = m.generation.state.cache
+            try:
+                out.append(self.runner.forward_batch([(cache, m.tokens, m.start, m.start == 0)])[0])
+            except Exception as e:
+                self._fail(m, e)
+                out.append(None)
+        return out
+
+    def _fail(self, m: Member, e: BaseException) -> None:
+        m.generation.close()
+        if m in self.members:
+            self.members.remove(m)
+        m.on_error(e)
+
+
+def default_max_batch(runner, costs) -> int:
+    """The most concurrent generations worth running together here, from measured costs: the largest of
+    1, 2, 4, 8, 16 whose plain pass (that many rows) costs at most twice a single step, so that each
+    doubling still adds at least a third more tokens per second; 1 where the runner cannot batch."""
+    if not runner.batchable or costs is None or 0 not in costs.verify:
+        return 1
+    best = 1
+    for size in (2, 4, 8, 16):
+        seconds = costs.rows(size)
+        if seconds is None or seconds > 2.0 * costs.verify[0]:
+            break
+        best = size
+    return best

@@ -1,0 +1,253 @@
+"""Many users at once: every request's text is the text it gets alone, whatever it was batched with,
+joined, left or failed beside; the cache pool and the batch size bound memory; the load policy keeps
+drafting only where it pays."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from clasp_decoding import generate
+from clasp_decoding.api import generation
+from clasp_decoding.batching import Batch, LoadPolicy, Member, default_max_batch
+from clasp_decoding.config import GenerationConfig
+from clasp_decoding.context import runner_for
+from clasp_decoding.costs import CostTable
+from clasp_decoding.engine import Engine, Job
+from clasp_decoding.errors import InputError
+from clasp_decoding.kv_cache import KVPool
+from conftest import ARCHS, random_prompt, tiny_model
+
+# ----------------------------------------------------------------------------- the pool
+
+
+def test_pool_carves_first_fit_and_coalesces():
+    pool = KVPool(num_layers=2, slots=100, dtype=torch.float32)
+    a, b, c = pool.allocate(30), pool.allocate(30), pool.allocate(30)
+    assert (a.offset, b.offset, c.offset) == (0, 30, 60) and pool.used == 90
+    assert pool.allocate(20) is None  # only 10 left
+    pool.release(b)
+    pool.release(b)  # twice is once
+    assert pool.used == 60 and pool.allocate(40) is None
+    pool.release(a)
+    d = pool.allocate(55)  # the two freed stretches merged
+    assert d.offset == 0 and pool.used == 85
+    k = torch.randn(1, 3, 4, 8)
+    d.write(1, k, k, 10)
+    assert pool.keys[1].shape == (1, 3, 100, 8) and torch.equal(pool.keys[1][:, :, 10:14], k)  # views, no copy
+    assert pool.keys[0] is None  # a layer's buffer is made at its first write, at the pool's size
+
+
+# ----------------------------------------------------------------------------- text independent of the batch
+
+SETTINGS = [dict(), dict(temperature=0.9, seed=7), dict(temperature=1.0, top_k=20, seed=2**63)]
+
+
+def prompts_for(vocab: int = 97) -> list[list[int]]:
+    return [random_prompt(40 + i, 4 + 5 * i, vocab) * 2 for i in range(6)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("setting", range(len(SETTINGS)))
+def test_batched_text_equals_solo_text(arch, setting):
+    """Six requests (different lengths, hybrid drafting, stop rules) together, and in batches of three:
+    each one's tokens equal its tokens alone."""
+    model = tiny_model(arch, seed=5, dtype=torch.bfloat16)
+    assert runner_for(model).batchable
+    cfg = GenerationConfig(max_new_tokens=40, **SETTINGS[setting])
+    prompts = prompts_for()
+    solo = [generate(model, None, p, cfg).token_ids for p in prompts]
+    for size in (len(prompts), 3):
+        together = generate(model, None, prompts, cfg, max_batch=size)
+        assert [r.token_ids for r in together] == solo, (arch, setting, size)
+
+
+def member(model, prompt, cfg, batch, **kw) -> Member:
+    room = batch.cache_for(len(prompt), cfg.max_new_tokens)
+    return Member(generation(model, None, prompt, cfg, cache=room), **kw)
+
+
+def test_joins_leaves_cancellations_and_a_failing_neighbour():
+    """Requests join at different iterations, one is cancelled mid-way, one fails mid-way (its drafter
+    raises): every other request's tokens equal its solo tokens, and the failure is reported to its own
+    request only."""
+    model = tiny_model("qwen2", seed=6, dtype=torch.bfloat16)
+    runner = runner_for(model)
+    prompts = prompts_for()
+    cfgs = [GenerationConfig(max_new_tokens=30 + 5 * i, temperature=0.8 if i % 2 else 0.0, seed=i) for i in range(6)]
+    solo = [generate(model, None, p, c).token_ids for p, c in zip(prompts, cfgs, strict=True)]
+    batch = Batch(runner, pool_slots=6 * 200, max_batch=6)
+    stop = {"flag": False}
+    errors: dict[int, BaseException] = {}
+    members = {}
+    for it in range(200):
+        for i, when in enumerate((0, 0, 2, 5, 9, 9)):
+            if when == it and i not in members:
+                members[i] = member(
+                    model, prompts[i], cfgs[i], batch, on_error=lambda e, i=i: errors.setdefault(i, e),
+                    cancelled=(lambda: stop["flag"]) if i == 3 else (lambda: False),
+                )  # fmt: skip
+                batch.join(members[i])
+        if it == 12:
+            stop["flag"] = True  # request 3 leaves mid-way
+        if it == 11:  # request 4's drafter breaks at its next round
+
+            def broken(state, max_tokens):
+                raise RuntimeError("a drafter bug")
+
+            members[4].generation.drafter.propose = broken
+        batch.iterate()
+        if it > 12 and not batch.members:
+            break
+    assert set(errors) == {4} and "drafter bug" in str(errors[4])
+    assert members[3].generation.finish_reason == "cancelled"
+    for i in (0, 1, 2, 5):
+        assert members[i].generation.result().token_ids == solo[i], i
+    assert batch.pool.used == 0  # every cache given back
+
+
+def test_a_failing_pass_is_retried_apart(monkeypatch):
+    """When the shared pass itself fails, each request's rows run alone (the same bits, by row-invariant
+    kernels); a request whose rows fail alone gets the error, the others go on unchanged."""
+    model = tiny_model("llama", seed=7, dtype=torch.bfloat16)
+    runner = runner_for(model)
+    prompts = prompts_for()[:3]
+    cfg = GenerationConfig(max_new_tokens=20)
+    solo = [generate(model, None, p, cfg).token_ids for p in prompts]
+    batch = Batch(runner, pool_slots=3 * 200, max_batch=3)
+    errors = []
+    members = [member(model, p, cfg, batch, on_error=errors.append) for p in prompts]
+    for m in members:
+        batch.join(m)
+    real = runner.forward_batch
+    poisoned = members[1].generation.state.cache
+
+    def flaky(segments):
+        if any(cache is poisoned for cache, *_ in segments) and members[1].generation.stats.steps > 3:
+            raise RuntimeError("rows that cannot be computed")
+        return real(segments)
+
+    monkeypatch.setattr(runner, "forward_batch", flaky)
+    batch.run()
+    assert len(errors) == 1 and "cannot be computed" in str(errors[0])
+    assert [members[i].generation.result().token_ids for i in (0, 2)] == [solo[0], solo[2]]
+
+
+# ----------------------------------------------------------------------------- the threaded engine
+
+
+def run_jobs(engine: Engine, requests: list[tuple[list[int], GenerationConfig]], cancel_after=None):
+    """Submit all requests at once; collect each one's events. ``cancel_after``: cancel job ``i`` after its
+    ``n``-th text piece."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(p, c, loop, deadline=time.monotonic() + 120) for p, c in requests]
+        for j in jobs:
+            engine.submit(j)
+
+        async def collect(i, job):
+            events = []
+            while True:
+                kind, payload = await job.events.get()
+                events.append((kind, payload))
+                if cancel_after and cancel_after[0] == i and kind == "delta" and len(events) >= cancel_after[1]:
+                    job.cancel()
+                    return events
+                if kind in ("done", "error", "timeout", "shutdown"):
+                    return events
+
+        return await asyncio.gather(*(collect(i, j) for i, j in enumerate(jobs)))
+
+    return asyncio.run(main())
+
+
+def test_the_engine_serves_many_at_once_within_its_bounds(tiny_model_dir):
+    """Eight requests on an engine of batch 4 and a pool too small for four long ones at a time: at most
+    four run, the pool is never exceeded, requests wait for room, one too large for the pool fails with a
+    message, and every response is its solo text."""
+    from clasp_decoding import load
+
+    model, tok = load(str(tiny_model_dir), dtype="bf16")
+    runner = runner_for(model)
+    engine = Engine(model, tok, max_batch=4, pool_tokens=3 * (60 + 40 + runner.scratch_slots()))
+    seen = {"running": 0, "used": 0}
+    step = engine.batch.iterate
+
+    def watched():
+        seen["running"] = max(seen["running"], engine.running)
+        seen["used"] = max(seen["used"], engine.batch.pool.used)
+        step()
+
+    engine.batch.iterate = watched
+    try:
+        prompts = [tok(f"A hash table maps keys {i} " * (1 + i % 3))["input_ids"] for i in range(8)]
+        cfgs = [GenerationConfig(max_new_tokens=40, temperature=0.7 * (i % 2), seed=i) for i in range(8)]
+        solo = [generate(model, tok, p, c).text for p, c in zip(prompts, cfgs, strict=True)]
+        too_big = (list(range(5, 400)), GenerationConfig(max_new_tokens=40))
+        results = run_jobs(engine, [*zip(prompts, cfgs, strict=True), too_big])
+    finally:
+        engine.close()
+    for i in range(8):
+        kinds = [k for k, _ in results[i]]
+        assert kinds[-1] == "done", results[i][-1]
+        assert "".join(p for k, p in results[i] if k == "delta") == results[i][-1][1].text == solo[i], i
+    kind, err = results[8][-1]
+    assert kind == "error" and isinstance(err, InputError) and "cache pool holds" in str(err)
+    assert 2 <= seen["running"] <= 4 and seen["used"] <= engine.batch.pool.slots
+
+
+def test_a_cancelled_request_leaves_and_frees_its_slots(tiny_model_dir):
+    from clasp_decoding import load
+
+    model, tok = load(str(tiny_model_dir), dtype="bf16")
+    engine = Engine(model, tok, max_batch=3)
+    try:
+        prompts = [tok(f"Recursion {i} is")["input_ids"] for i in range(3)]
+        cfg = GenerationConfig(max_new_tokens=120)
+        solo = [generate(model, tok, p, cfg).text for p in prompts]
+        results = run_jobs(engine, [(p, cfg) for p in prompts], cancel_after=(1, 2))
+        deadline = time.time() + 10
+        while engine.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.running == 0 and engine.batch.pool.used == 0
+        assert engine.stats.requests["cancelled"] == 1
+    finally:
+        engine.close()
+    for i in (0, 2):
+        assert results[i][-1][0] == "done" and results[i][-1][1].text == solo[i]
+
+
+# ----------------------------------------------------------------------------- the load policy
+
+
+def test_the_load_policy_keeps_the_faster_arm_and_probes_the_other():
+    policy = LoadPolicy(trial=3, probe_every=10)
+    rates = {False: 10.0, True: 8.0}  # drafting loses at this batch size
+    picks = []
+    for _ in range(80):
+        arm = policy.drafting(8)
+        picks.append(arm)
+        policy.observe(8, arm, int(rates[arm]), 1.0)
+    steady = picks[10:]
+    assert steady.count(True) <= len(steady) // 8  # only probes
+    rates[True] = 14.0  # the text moved: drafting wins now
+    picks = []
+    for _ in range(60):
+        arm = policy.drafting(8)
+        picks.append(arm)
+        policy.observe(8, arm, int(rates[arm]), 1.0)
+    assert picks[-30:].count(True) >= 25
+
+
+def test_default_batch_size_follows_measured_costs():
+    model = tiny_model("llama", seed=1, dtype=torch.bfloat16)
+    runner = runner_for(model)
+    cheap = CostTable({0: 1.0, 1: 1.02, 3: 1.1, 6: 1.3, 8: 1.45, 12: 1.8, 16: 2.3})
+    steep = CostTable({0: 1.0, 1: 2.0, 3: 4.0, 6: 7.0})
+    assert default_max_batch(runner, cheap) == 8  # 16 rows would cost more than two steps
+    assert default_max_batch(runner, steep) == 2
+    assert default_max_batch(runner, None) == 1
