@@ -12,7 +12,9 @@ table shows what the new tests add:
 - ``verify-index``: each verification's rows keyed one index early (a bug every method shares, plain
   decoding too): the independent reference loop, and the older seeded method-vs-``ar`` test;
 - ``prefill-index``: the prefill's token keyed one index early (shared by every method): the same two;
-- ``uniform-53``: the old 53-bit uniform (a crafted seed picks an impossible id): the crafted-seed test;
+- ``uniform-53``: the old 53-bit uniform (its largest value rounds to 1.0, a zero exponential): the
+  crafted-seed tests (the largest-uniform test catches it; the zero-probability test alone does not,
+  since zero-probability ids also score below every other, a second guard);
 - ``stop-round``: stop strings searched from the text's length before the round: the grouping test.
 
 Usage: python scripts/exactness_power.py [--repeats 10] [--only block-keys,eos-row0]
@@ -109,6 +111,13 @@ def caught(check) -> bool:
         return True
 
 
+def passes(test, cases) -> bool:
+    """Run an asserting test on every case; False when all pass (the failure is the AssertionError)."""
+    for case in cases:
+        test(case)
+    return False
+
+
 def new_tests(seed: int) -> dict:
     import test_exactness as t
     from reference import byte_fallback_tokenizer
@@ -123,8 +132,11 @@ def new_tests(seed: int) -> dict:
         "prefill-index": lambda: t.check_against_reference(
             "llama", dict(temperature=1.0, seed=seed), tok, model_seed=seed
         ),
-        "uniform-53": lambda: [t.test_no_seed_picks_a_zero_probability_id(i) for i in (0, seed, 2**40)],
-        "stop-round": lambda: [t.test_stop_strings_do_not_depend_on_rounds(s) for s in t.STOP_CASES],
+        "uniform-53": lambda: (
+            passes(t.test_no_seed_picks_a_zero_probability_id, (0, seed, 2**40))
+            or passes(lambda _: t.test_the_hash_inverts_and_reaches_the_largest_uniform(), [None])
+        ),
+        "stop-round": lambda: passes(t.test_stop_strings_do_not_depend_on_rounds, t.STOP_CASES),
     }
 
 

@@ -51,6 +51,34 @@ def test_bf16_rows_are_bit_identical_for_every_row_count(model):
             torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-2)
 
 
+def test_the_thread_count_never_changes_a_bit():
+    """Threads split output features (and attention rows), never a sum: 1, 2 and 3 threads give the same
+    bits, for few rows and for many (K-chunked) rows, and for the attention kernel."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8960, 1536, generator=g).bfloat16()
+    x = torch.randn(200, 1536, generator=g).bfloat16()
+    q = torch.randn(1, 4, 6, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 4, 40, 64, generator=g).bfloat16() for _ in range(2))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(
+                (
+                    kernels.linear(x[:1], w),
+                    kernels.linear(x[:7], w),
+                    kernels.linear(x, w),
+                    kernels.attention(q, k, v, 30),
+                )
+            )
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_heads_and_the_slow_paths():
     """The vocabulary heads on the best instruction set (a few row counts: they are big), and the portable
     kernel on small shapes (it is slow)."""

@@ -84,3 +84,59 @@ def test_memory_the_copies_add():
 def test_auto_picks_int8_where_a_fused_kernel_exists():
     assert fused_available("int8", "cpu")
     assert resolve("auto", torch.device("cpu")) == "int8" and resolve("none", torch.device("cpu")) == "none"
+
+
+@pytest.mark.parametrize(
+    "seconds, expected",
+    [
+        ({"int4": 0.0, "int8": 1e-3}, "int4"),
+        ({"int4": 1e-3, "int8": 0.0}, "int8"),
+        ({"int4": 2e-3, "int8": 2e-3}, "none"),
+    ],
+)
+def test_auto_on_a_gpu_quantizes_only_when_timing_shows_it_faster(monkeypatch, seconds, expected):
+    """On a GPU ``auto`` times the model's own layer against its quantized copies and keeps a kind only
+    when it is faster by 10% (torch's int8 weight-only kernel is not known to be fast there). The timing is
+    run here on the CPU, with quantized copies that take a set time: the fastest wins, slow ones lose to the
+    layer as it is."""
+    import time
+
+    from clasp_decoding import quant
+
+    class Timed(torch.nn.Module):
+        def __init__(self, layer, kind):
+            super().__init__()
+            self.seconds = seconds[kind]
+
+        def forward(self, x):
+            if self.seconds:
+                time.sleep(self.seconds)
+            return x
+
+    monkeypatch.setattr(quant, "QuantLinear", Timed)
+    monkeypatch.setattr(quant, "fused_available", lambda kind, device_type: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(quant, "_FASTEST", {})
+    layer = torch.nn.Linear(512, 1024)
+    calls = []
+    real = quant._fastest_on
+    monkeypatch.setattr(quant, "_fastest_on", lambda dev, sample: calls.append(dev) or real("cpu", sample))
+    assert resolve("auto", torch.device("cuda:0"), layer) == expected
+    assert resolve("auto", torch.device("cuda:0"), layer) == expected and calls == ["cuda:0"]  # timed once
+    assert resolve("auto", torch.device("cuda:0"), None) == "none"  # nothing to time: no quantization
+
+
+def test_a_device_mapped_model_takes_the_dtype_of_where_it_computes(monkeypatch):
+    """The dtype of a ``device_map`` model is resolved for the device it computes on (as for CUDA when any
+    module lands on a GPU), not by a CPU micro-benchmark."""
+    from clasp_decoding.models import placement_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert placement_device("cpu", "auto") == "cuda"
+    assert placement_device("cpu", {"model.embed_tokens": 0, "model.layers.0": "cpu"}) == "cuda"
+    assert placement_device("cpu", {"model.layers.0": "cuda:1", "lm_head": "disk"}) == "cuda"
+    assert placement_device("cpu", {"model.layers.0": "cpu", "lm_head": "disk"}) == "cpu"
+    assert placement_device("cpu", "cpu") == "cpu"
+    assert placement_device("cuda", None) == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert placement_device("cpu", "auto") == "cpu"

@@ -659,7 +659,7 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(tiny_model_dir)
 
 
 def test_shutdown_cancels_queued_and_running_work_within_seconds(tiny_model_dir):
-    s = LiveServer(tiny_model_dir, request_timeout=120)
+    s = LiveServer(tiny_model_dir, request_timeout=120, max_batch=1)  # one at a time: the rest must queue
     events: list[str] = []
 
     def client():
@@ -670,7 +670,7 @@ def test_shutdown_cancels_queued_and_running_work_within_seconds(tiny_model_dir)
         except httpx.HTTPError as e:
             events.append(f"closed: {type(e).__name__}")
 
-    threads = [threading.Thread(target=client) for _ in range(8)]  # more work queued than the pause can serve
+    threads = [threading.Thread(target=client) for _ in range(12)]  # more work queued than the pause can serve
     for t in threads:
         t.start()
     time.sleep(0.5)
