@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from .config import QUANT_KINDS, GenerationConfig
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _plain_warning  # a notice for a terminal, not a source line of the library
     try:
         return int(args.func(args) or 0)
     except ClaspError as e:
@@ -321,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clasp: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown
+
+
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    return f"clasp: {category.__name__}: {message}\n"
 
 
 if __name__ == "__main__":
