@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""One linear layer per row count, on this CPU: the project's kernel against torch's, in ms, GB/s of
-weights read and share of the measured read bandwidth (docs/results.md, "Kernels").
+"""One linear layer per row count, on this CPU: every kernel the project can run here (the tile kernels:
+AMX and its AVX-512 twin; the best vector kernel) against torch's, in ms and GB/s of weights read
+(docs/results.md, "Kernels"), and which one the measured choice installs.
 
-Weights are rotated through more memory than the caches hold (as in decoding, where every layer's
-weights come from memory), and the bandwidth is measured first by summing a 2 GB tensor.
+Weights are cycled through more memory than the last-level cache holds (as in decoding, where every
+layer's weights come from memory; a one-matrix loop on a CPU with hundreds of MB of L3 measures the
+cache). The kernels are interleaved call by call, and each figure is the best of ``--rounds`` passes, so
+that a busy moment of a shared machine hits them all alike.
 
-Usage: python scripts/linear_costs.py [--shape 1536x8960,8960x1536] [--rows 1,2,4,8,16,32,64]
+Usage: python scripts/linear_costs.py [--shape 1536x8960,8960x1536] [--rows 1,2,4,8,16,32,64] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from clasp_decoding import kernels  # noqa: E402
+from clasp_decoding import cpu_linear, kernels  # noqa: E402
 from clasp_decoding.bench.run import machine_info  # noqa: E402
 
 
@@ -35,14 +38,14 @@ def read_bandwidth(gb: float = 2.0) -> float:
     return x.numel() * 4 / best
 
 
-def per_call(fn, weights: list[torch.Tensor]) -> float:
-    for w in weights[:3]:
-        fn(w)
-    t0 = time.perf_counter()
-    for _ in range(2):
-        for w in weights:
-            fn(w)
-    return (time.perf_counter() - t0) / (2 * len(weights))
+def l3_bytes() -> int:
+    """The largest cache's size (sysfs), or 64 MB if unknown."""
+    best = 64 << 20
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KM")) * scale)
+    return best
 
 
 def main() -> None:
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--shape", default="1536x8960,8960x1536,896x151936")
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     if not kernels.available():
         sys.exit("the project's kernels are not built here; nothing to compare")
@@ -58,26 +62,34 @@ def main() -> None:
     flags = Path("/proc/cpuinfo").read_text()
     features = ", ".join(f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags)
     bw = read_bandwidth()
-    print(f"{info['cpu']} ({features}); {info['torch_threads']} threads; torch {info['torch']}; kernels: "
-          f"{kernels.isa()}; {a.dtype}; read bandwidth {bw / 1e9:.1f} GB/s (sum of 2 GB)\n")  # fmt: skip
-    print(
-        "| in x out | rows | torch ms | ours ms | torch GB/s | ours GB/s | ours, share of bandwidth | ours / ours at 1 row |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    choice = cpu_linear.choice(dtype)
+    candidates = [c for c in cpu_linear._candidates(dtype)]
+    print(f"{info['cpu']} ({features}); {info['torch_threads']} threads; torch {info['torch']}; {a.dtype}; "
+          f"read bandwidth {bw / 1e9:.1f} GB/s (sum of 2 GB); AMX: {kernels.amx_status()}")  # fmt: skip
+    print(f"installed here: {choice.describe()}\n")
+    print(f"| in x out | rows | {' | '.join(f'{c} ms' for c in candidates)} | best | best GB/s |")
+    print(f"| --- | --- | {' | '.join('---' for _ in candidates)} | --- | --- |")
     g = torch.Generator().manual_seed(0)
     for shape in a.shape.split(","):
         k, n = (int(v) for v in shape.split("x"))
         size = n * k * (2 if dtype == torch.bfloat16 else 4)
-        weights = [torch.randn(n, k, generator=g).to(dtype) for _ in range(max(4, int(1.2e9 / size)))]
-        one = None
-        for rows in (int(r) for r in a.rows.split(",")):
-            x = torch.randn(rows, k, generator=g).to(dtype)
-            theirs = per_call(lambda w, x=x: torch.nn.functional.linear(x, w), weights)
-            ours = per_call(lambda w, x=x: kernels.linear(x, w), weights)
-            one = one or ours
-            print(f"| {k} x {n} | {rows} | {theirs * 1e3:.3f} | {ours * 1e3:.3f} | {size / theirs / 1e9:.1f} | "
-                  f"{size / ours / 1e9:.1f} | {size / ours / bw:.0%} | {ours / one:.2f} |")  # fmt: skip
-        del weights
+        count = max(4, int(1.5 * l3_bytes() / size) + 1)
+        weights = [torch.randn(n, k, generator=g).to(dtype) for _ in range(count)]
+        with torch.inference_mode():
+            calls = {c: [cpu_linear.product(c, w) for w in weights] for c in candidates}
+            for rows in (int(r) for r in a.rows.split(",")):
+                x = torch.randn(rows, k, generator=g).to(dtype)
+                best = dict.fromkeys(candidates, float("inf"))
+                for _ in range(a.rounds):
+                    for c, fns in calls.items():
+                        t0 = time.perf_counter()
+                        for f in fns:
+                            f(x)
+                        best[c] = min(best[c], (time.perf_counter() - t0) / len(fns))
+                top = min(best, key=best.get)
+                cells = " | ".join(f"{best[c] * 1e3:.3f}" for c in candidates)
+                print(f"| {k} x {n} | {rows} | {cells} | {top} | {size / best[top] / 1e9:.1f} |", flush=True)
+        del weights, calls
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def test_the_cache_and_the_runner_import_nothing_above_them():
     assert table["kv_cache"] == set()
     assert table["runner"] <= {"draft_head", "errors", "families", "kv_cache", "numerics"}, table["runner"]
     for low in ("draft_head", "families", "numerics", "noise", "layer_select", "sampling"):
-        assert {top(m) for m in table[low]} <= {"errors", "noise", "kernels"}, (low, table[low])
+        assert {top(m) for m in table[low]} <= {"errors", "noise", "kernels", "cpu_linear"}, (low, table[low])
     assert table["kernels"] <= {"paths"}, table["kernels"]  # building and loading kernels, nothing above
+    assert table["cpu_linear"] <= {"kernels", "paths"}, table["cpu_linear"]  # choosing among them
 
 
 def test_the_loop_knows_drafting_only_through_its_interface():

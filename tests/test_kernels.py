@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from clasp_decoding import kernels
+from clasp_decoding import cpu_linear, kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the kernels could not be built here")
 
@@ -77,6 +77,18 @@ def test_the_thread_count_never_changes_a_bit():
     for other in outs[1:]:
         for a, b in zip(outs[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+def test_a_row_alone_equals_the_same_row_in_a_call_whose_sums_are_chunked(isa):
+    """Many rows make the vector kernels sum K in chunks (partial sums kept between them): the chunk that
+    ends in the K tail must count it. 300 rows of K = 1000 (not a multiple of any chunk or vector)."""
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = torch.randn(24, 1000, generator=g).to(dtype)
+        x = torch.randn(300, 1000, generator=g).to(dtype)
+        rows = (1, 2, 299, 300) if isa != "scalar" else (1, 300)
+        assert_rows_invariant(lambda t, w=w: kernels.linear(t, w, None, isa), x, rows=rows)
 
 
 def test_heads_and_the_slow_paths():
@@ -155,7 +167,7 @@ def test_without_kernels_torch_runs_and_output_stays_exact(tmp_path):
     greedy output still equals transformers' generate on the same model."""
     code = """
 import warnings
-from clasp_decoding import kernels
+from clasp_decoding import cpu_linear, kernels
 from conftest import tiny_model, hf_greedy, random_prompt, run_tokens
 from clasp_decoding.config import GenerationConfig
 from clasp_decoding.context import runner_for
@@ -187,7 +199,10 @@ def test_the_model_runs_on_the_kernels():
     runner = runner_for(model)
     assert runner.numerics.linear_mode == "kernel" and runner.numerics.max_verify_drafts >= 1000
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all("forward" in m.__dict__ for m in linears)
+    if cpu_linear.choice(torch.bfloat16).family == "tiles":
+        assert linears and all(isinstance(m.weight, cpu_linear.PackedWeight) for m in linears)
+    else:
+        assert linears and all("forward" in m.__dict__ for m in linears)
 
 
 @pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])

@@ -27,7 +27,7 @@ class NumericsNotice(UserWarning):
 def _announce(model, runner: ModelRunner) -> None:
     report = runner.numerics
     kernels = {
-        "kernel": "the project's row-invariant CPU kernels",
+        "kernel": f"the project's row-invariant CPU kernels ({numerics.linear_kernels(model)})",
         "padded": "torch's kernels with single rows padded",
         "invariant": "torch's kernels",
         "inexact": "torch's kernels (not row-exact here)",

@@ -34,18 +34,21 @@ def median_seconds(fn, repeats: int = 3) -> float:
 @functools.cache
 def dtype_timings(device: str = "cpu", rounds: int = 7) -> dict[str, float]:
     """Seconds for one single-row product of :data:`PROBE_SHAPE` in bf16 and fp32 on ``device``, through
-    the kernel decoding will use (the project's on a CPU where they are built, else torch's): the fastest
+    the kernel decoding will use (on a CPU, the one :mod:`.cpu_linear` chose for that dtype): the fastest
     of ``rounds`` calls each, the two dtypes alternating so that a busy moment hits both."""
-    from . import kernels
+    from . import cpu_linear
 
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(PROBE_SHAPE[1], PROBE_SHAPE[0], generator=g)
     x = torch.randn(1, PROBE_SHAPE[0], generator=g)
-    product = kernels.linear if device == "cpu" and kernels.available() else torch.nn.functional.linear
     calls = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         wd, xd = w.to(device, dtype), x.to(device, dtype)
-        calls[name] = lambda wd=wd, xd=xd: product(xd, wd)
+        if device == "cpu":
+            f = cpu_linear.product(cpu_linear.choice(dtype).member(1), wd)
+        else:
+            f = lambda t, wd=wd: torch.nn.functional.linear(t, wd)
+        calls[name] = lambda f=f, xd=xd: f(xd)
     best = dict.fromkeys(calls, float("inf"))
     with torch.inference_mode():
         for fn in calls.values():

@@ -9,9 +9,10 @@ order rounds differently, and near-ties between the two best tokens then flip. T
   ``q`` single-query calls over a growing cache. During a verification each query row is therefore
   attended on its own, through the model's own attention function, over exactly the keys before it
   (:func:`install_attention`). Projections and MLPs stay batched: they are where the weights are read.
-- **Linear layers.** On the CPU the project's own kernels (:mod:`.kernels`) run every linear layer:
-  each output element is one dot product summed in a fixed order, so a row's bits never depend on how
-  many rows share the call, and each weight is read once per call (decoding is bound by reading them).
+- **Linear layers.** On the CPU the project's own kernels (:mod:`.kernels`) run every linear layer, the
+  family measured fastest on this machine (:mod:`.cpu_linear`: AMX tiles with packed weights, or vector
+  kernels): each output element is one sum in a fixed order, so a row's bits never depend on how many
+  rows share the call, and each weight is read once per call (decoding is bound by reading them).
   Where they cannot run (no compiler at first use, fp16 weights, a GPU), torch's kernels do, probed at
   install time: on CPUs a bf16 product with one row takes another kernel than one with two or more, so
   single rows are padded to two there (:func:`install_linear`), and the probe finds up to how many rows
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import kernels
+from . import cpu_linear, kernels
 
 WRAPPABLE = ("sdpa", "eager")
 ROW_LADDER = (2, 3, 4, 5, 8, 9, 12, 16, 17, 24, 31, 32, 33, 40, 48, 56, 63, 64, 65)
@@ -268,9 +269,9 @@ def install_attention(model) -> bool:
 
 KERNEL_ROWS = 1 << 16
 """Rows one call may have with the project's kernels: any number, since they are row-invariant by
-construction (the probe still checks the ladder, in case a build went wrong). Prefills run on them too,
-although torch's kernels compute long ones faster: one numerics everywhere is what makes a prompt's
-cache the same bits whether it was prefilled alone or beside other users' rows (:mod:`.batching`)."""
+construction (the probe still checks the ladder, in case a build went wrong). Prefills run on them too:
+one numerics everywhere is what makes a prompt's cache the same bits whether it was prefilled alone,
+beside other users' rows (:mod:`.batching`) or decoded token by token (prefix reuse)."""
 
 
 def _single_row(x: torch.Tensor) -> bool:
@@ -292,24 +293,29 @@ def _unpad_hook(module, args, output):
     return None
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """An ``nn.Linear``'s forward through the project's kernel (bound to the module by :func:`install_linear`);
-    anything the kernel does not take (another dtype or device, autograd) goes to torch's."""
+    """An ``nn.Linear``'s forward through the project's vector kernel (bound to the module by
+    :func:`install_linear`); anything the kernel does not take (another dtype or device, autograd of the
+    input, the weight or the bias) goes to torch's."""
     w = self.weight
-    if x.dtype is w.dtype and x.device.type == "cpu" and not (torch.is_grad_enabled() and w.requires_grad):
-        return kernels.linear(x, w, self.bias)
+    if x.dtype is w.dtype and x.device.type == "cpu" and not _needs_grad(x, w, self.bias):
+        return kernels.linear(x, w, self.bias, cpu_linear.choice(w.dtype).member(x.numel() // max(1, w.shape[1])))
     return torch.nn.functional.linear(x, w, self.bias)
 
 
 def kernel_suits(module: nn.Module) -> bool:
-    """Whether the project's kernel can run this linear layer: bf16 or fp32 weights on the CPU, no forward
+    """Whether a project kernel can run this linear layer: bf16 or fp32 weights on the CPU, no forward
     already replaced by someone else (a dispatch hook)."""
     w = module.weight
     return (
         w.device.type == "cpu"
         and w.dtype in (torch.bfloat16, torch.float32)
         and w.dim() == 2
-        and w.is_contiguous()
+        and (w.is_contiguous() or isinstance(w, cpu_linear.PackedWeight))
         and "forward" not in module.__dict__
         and kernels.available()
     )
@@ -349,24 +355,65 @@ def _key(m: nn.Module) -> tuple:
     return (tuple(m.weight.shape), m.bias is not None, m.weight.dtype, m.weight.device)
 
 
+def _kernel_product(family: str):
+    """The product a family runs, as ``f(x, weight, bias)`` (for the row check)."""
+    if family == "tiles":
+        return lambda x, w, b: torch.nn.functional.linear(x, cpu_linear.pack(w), b)
+    return lambda x, w, b: kernels.linear(x, w, b, cpu_linear.choice(w.dtype).member(x.numel() // w.shape[1]))
+
+
 def _verdict(m: nn.Module) -> tuple[str, int]:
     """How one linear layer will run: on the project's kernel (``"kernel"``, checked on a slice of its
     weight: the kernel's rows do not depend on the output width), or on torch's, probed."""
     if kernel_suits(m):
-        part = m.weight[:64]
-        bias = None if m.bias is None else m.bias[:64]
-        mode, limit = probe_linear(part, bias, f=kernels.linear)
-        if mode == "invariant" and limit == ROW_LADDER[-1]:
-            return "kernel", KERNEL_ROWS
-        warnings.warn(
-            f"clasp-decoding's kernel failed its row check on {tuple(m.weight.shape)}; using torch's.", stacklevel=3
-        )
+        family = cpu_linear.choice(m.weight.dtype).family
+        if family != "torch":
+            part = m.weight[:64]
+            part = part.dense() if isinstance(part, cpu_linear.PackedWeight) else part
+            bias = None if m.bias is None else m.bias[:64]
+            mode, limit = probe_linear(part, bias, f=_kernel_product(family))
+            if mode == "invariant" and limit == ROW_LADDER[-1]:
+                return "kernel", KERNEL_ROWS
+            warnings.warn(
+                f"clasp-decoding's {family} kernel failed its row check on {tuple(m.weight.shape)}; using torch's.",
+                stacklevel=3,
+            )
     return probe_linear(m.weight, m.bias)
 
 
+def _holders(model) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, name) holding each parameter, by the parameter's id (a tied head and embedding share
+    one)."""
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((module, name))
+    return out
+
+
+def _replace(holders: list[tuple[nn.Module, str]], new: nn.Parameter) -> None:
+    for module, name in holders:
+        module._parameters[name] = new
+
+
+def _pack_in_place(m: nn.Module, holders: dict, mappings: list) -> None:
+    """Swap ``m``'s weight (and every other holder of it) for its packed tiles; the dense one is freed
+    (or, where it is a read-only view of the model's file, its pages are released)."""
+    old = m.weight
+    if isinstance(old, cpu_linear.PackedWeight):
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        param = nn.Parameter(cpu_linear.pack(old.detach()), requires_grad=False)
+    param.was_requires_grad = old.requires_grad  # what restore() gives back
+    _replace(holders.get(id(old), [(m, "weight")]), param)
+    kernels.release_file_pages(old, mappings)
+
+
 def install_linear(model) -> tuple[str, int]:
-    """Run every linear layer the project's kernel suits on it; probe the others (torch's kernels) and pad
-    single rows where that makes rows invariant. Returns the model's overall mode (``"kernel"``,
+    """Run every linear layer a project kernel suits on the kernel chosen for this machine (packing bf16
+    weights in place for the tile kernels, :mod:`.cpu_linear`); probe the others (torch's kernels) and
+    pad single rows where that makes rows invariant. Returns the model's overall mode (``"kernel"``,
     ``"invariant"``, ``"padded"`` or ``"inexact"``: the weakest of its layers) and the most rows one call
     may have for that to hold."""
     if getattr(model, "_clasp_linear_mode", None):
@@ -378,23 +425,42 @@ def install_linear(model) -> tuple[str, int]:
     for m in linears:
         if _key(m) not in verdicts:
             verdicts[_key(m)] = _verdict(m)
+    holders = _holders(model)
+    mappings = kernels.file_mappings()
     moved: set[int] = set()
     for m in linears:
         mode = verdicts[_key(m)][0]
-        if mode == "kernel":
+        if mode == "kernel" and cpu_linear.choice(m.weight.dtype).family == "tiles":
+            _pack_in_place(m, holders, mappings)
+        elif mode == "kernel":
             m.forward = types.MethodType(_kernel_forward, m)
             if id(m.weight) not in moved:  # a tied head shares its weight with the embedding: once
                 moved.add(id(m.weight))
+                old = m.weight.data
                 with torch.no_grad():
-                    m.weight.data = kernels.in_huge_pages(m.weight.data)
+                    m.weight.data = kernels.in_huge_pages(old)
+                if m.weight.data.data_ptr() != old.data_ptr():
+                    kernels.release_file_pages(old, mappings)
         elif mode == "padded":
             m.register_forward_pre_hook(_pad_pre_hook)
             m.register_forward_hook(_unpad_hook)
+    kernels.trim_memory()
     order = ("inexact", "padded", "invariant", "kernel")
     mode = min((v[0] for v in verdicts.values()), key=order.index, default="kernel")
     limit = min((v[1] for v in verdicts.values()), default=KERNEL_ROWS)
     model._clasp_linear_mode = (mode, limit)
     return mode, limit
+
+
+def linear_kernels(model) -> str:
+    """In words, which kernels run ``model``'s linear layers (for notices and reports)."""
+    dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"}
+    described = [
+        f"{cpu_linear._dtype_name(d)}: {cpu_linear.choice(d).describe()}"
+        for d in dtypes
+        if d in (torch.bfloat16, torch.float32)
+    ]
+    return "; ".join(described) if described and kernels.available() else "torch's"
 
 
 def install(model) -> NumericsReport:
@@ -416,7 +482,13 @@ def restore(model) -> bool:
     (it works on a deep copy of an installed model too). Returns whether anything was installed."""
     if not hasattr(model, "_clasp_linear_mode") and not hasattr(model, "_clasp_attention_was"):
         return False
+    holders = _holders(model)
     for m in model.modules():
+        for p in list(m._parameters.values()):
+            if isinstance(p, cpu_linear.PackedWeight):
+                with torch.inference_mode(False), torch.no_grad():
+                    dense = nn.Parameter(p.dense(), requires_grad=getattr(p, "was_requires_grad", False))
+                _replace(holders[id(p)], dense)
         if isinstance(m, nn.Linear) and getattr(m.__dict__.get("forward"), "__func__", None) is _kernel_forward:
             del m.forward
         for hooks, ours in ((m._forward_pre_hooks, _pad_pre_hook), (m._forward_hooks, _unpad_hook)):

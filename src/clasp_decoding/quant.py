@@ -59,10 +59,10 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, kind: str, *, fused: bool | None = None, _probe: bool = False) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        self.kind, self.out_features, self.in_features = kind, w.shape[0], w.shape[1]
+        weight = linear.weight.detach()
+        self.kind, self.out_features, self.in_features = kind, weight.shape[0], weight.shape[1]
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        dev = w.device
+        dev = weight.device
         self.own = not _probe and _own_kernels(dev)
         if kind == "int4" and self.own:
             self.group = next((g for g in INT4_GROUPS if g % 64 == 0 and self.in_features % g == 0), None)
@@ -73,17 +73,19 @@ class QuantLinear(nn.Module):
         ):
             self.kind = kind = "int8"  # a shape the int4 kernels do not take: int8 for this layer
         self.fused = self.own or _probe or (fused if fused is not None else fused_available(kind, dev.type))
+        # The project's kernels: quantized slice by slice of rows, straight into huge pages (no full fp32
+        # copy of the weight, which for a vocabulary head is three times its size).
         if kind == "int8":
-            scale = w.abs().amax(1).clamp_min(1e-8) / 127
-            q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-            self.register_buffer("qweight", kernels.in_huge_pages(q) if self.own else q)
+            q, scale = kernels.quantize_int8(weight, huge_pages=self.own)
+            self.register_buffer("qweight", q)
             self.register_buffer("scale", scale if self.own else scale.to(torch.bfloat16))
         elif kind == "int4" and self.own:
-            packed, scale, zero = kernels.pack_int4(w, self.group)
-            self.register_buffer("qweight", kernels.in_huge_pages(packed))
+            packed, scale, zero = kernels.pack_int4(weight, self.group, huge_pages=True)
+            self.register_buffer("qweight", packed)
             self.register_buffer("scale", scale)
             self.register_buffer("zero", zero)
         elif kind == "int4":
+            w = weight.float()
             grouped = w.view(self.out_features, -1, self.group)
             lo, hi = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
             scale = (hi - lo).clamp_min(1e-8) / 15
@@ -239,6 +241,7 @@ def draft_modules(model_state, kind: str, vocab: VocabSubset | None) -> tuple[li
         out = [quantized_copy(layer, kind) for layer in runner.layers]
         for layer in out:
             layer.clasp_variant = kind  # names these stand-ins (the graph runner keys its graphs by it)
+        kernels.trim_memory()
         return out
 
     layers = model_state.remember(("draft_layers", kind), make_layers)
@@ -249,7 +252,9 @@ def draft_modules(model_state, kind: str, vocab: VocabSubset | None) -> tuple[li
         head = nn.Linear(base.weight.shape[1], limit, bias=base.bias is not None, device="meta")  # no allocation
         head.weight = nn.Parameter(base.weight, requires_grad=False)
         head.bias = None if base.bias is None else nn.Parameter(base.bias, requires_grad=False)
-        return QuantLinear(head, kind)
+        block = QuantLinear(head, kind)
+        kernels.trim_memory()
+        return block
 
     block = model_state.remember(("draft_head", kind, limit), make_block)
     return layers, QuantizedHead(base, block)

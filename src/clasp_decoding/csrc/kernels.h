@@ -7,12 +7,10 @@
 // own row (K; the keys it sees) and the ISA only, never on how many rows share a call or which thread
 // runs it: a row's bits do not depend on the batch it is in.
 #pragma once
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <memory>
-#include <vector>
+#include <cstring>
 
 namespace clasp {
 
@@ -43,6 +41,33 @@ struct AttnArgs {
   bool bf16;
 };
 
+// The tile kernels' arguments: a bf16 product with the weight packed in 1 KB tiles (tile_gemm.h).
+constexpr int64_t TILE_ELEMS = 16 * 32;  // bf16 in one packed tile: 16 input pairs x 16 output features
+
+struct TileArgs {
+  const uint16_t* x;  // bf16 [M, K], rows ldx apart
+  int64_t M, K, ldx;
+  const uint16_t* w;  // packed tiles: ceil(N / 16) feature blocks of KB tiles each
+  int64_t N, KB;      // N real output features; KB = ceil(K / 32)
+  const float* bias;  // [N] or nullptr
+  uint16_t* out;      // bf16 [M, N]
+};
+
+// The tile kernels, all with TDPBF16PS's numerics (identical bits): feature blocks [nb0, nb1).
+namespace tile_emu {  // the exact scalar emulation of the tiles (any CPU; the tests' reference)
+void linear(const TileArgs& a, int64_t nb0, int64_t nb1);
+}
+void pack_tiles(const uint16_t* w, int64_t N, int64_t K, uint16_t* out, int64_t nb0, int64_t nb1);
+void unpack_tile_rows(const uint16_t* packed, int64_t K, const int64_t* ids, int64_t count, uint16_t* out);
+#if defined(__x86_64__)
+namespace amx {  // the AMX tiles themselves
+void linear(const TileArgs& a, int64_t nb0, int64_t nb1);
+}
+namespace tile_avx512 {  // the same sums on AVX-512 vector units
+void linear(const TileArgs& a, int64_t nb0, int64_t nb1);
+}
+#endif
+
 // linear computes output features [n0, n1) for all M rows; attention the (row, head) tasks [t0, t1)
 // (task t = r * Hq + h).
 #define CLASP_DECLARE_ISA(ns)                                        \
@@ -57,6 +82,10 @@ CLASP_DECLARE_ISA(avx2)
 CLASP_DECLARE_ISA(avx512)
 CLASP_DECLARE_ISA(avx512bf16)
 #endif
+
+// The helpers below have internal linkage: each translation unit (compiled with its own instruction-set
+// flags) keeps its own copy, so no AVX-512 instance can be the one a portable file calls.
+namespace {
 
 // Scratch of ``n`` vector registers' worth (64-byte aligned, freed with the scope); empty when n == 0.
 template <class T>
@@ -100,4 +129,7 @@ inline void store(const LinearArgs& a, int64_t m, int64_t n, float dot) {
     static_cast<uint16_t*>(a.out)[m * a.N + n] = to_bf16(dot);
 }
 
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+}  // namespace
 }  // namespace clasp

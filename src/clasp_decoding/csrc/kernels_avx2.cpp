@@ -1,11 +1,9 @@
 // Kernels for AVX2 with FMA (AMD Zen 1-3, Intel Haswell and later without AVX-512): weights widened to
 // fp32 in registers, fp32 activations, 8 lanes.
 #if defined(__x86_64__)
-#pragma GCC target("avx2,fma,bmi2")
 #include <immintrin.h>
 
 #include <cstring>
-#include <memory>
 
 #include "kernels.h"
 

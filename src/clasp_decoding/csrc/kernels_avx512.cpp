@@ -1,10 +1,8 @@
 // Kernels for AVX-512 without BF16 instructions (Intel Skylake-X to Ice Lake): weights widened to fp32
 // in registers (bf16 is the top half of an fp32; int8 and int4 convert exactly), fp32 activations.
 #if defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,bmi2")
 #include <immintrin.h>
 
-#include <memory>
 
 #include "kernels.h"
 

@@ -1,10 +1,8 @@
 // Kernels for AVX-512 with BF16 dot products (AMD Zen 4/5, Intel Cooper Lake, Sapphire Rapids and later):
 // bf16 pairs multiplied and summed into fp32 lanes by one instruction (vdpbf16ps).
 #if defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2,bmi2")
 #include <immintrin.h>
 
-#include <memory>
 
 #include "kernels.h"
 

@@ -267,7 +267,8 @@ void attend(const AttnArgs& a, int64_t t0, int64_t t1) {
   const char* Q = static_cast<const char*>(a.q);
   const char* K = static_cast<const char*>(a.k);
   const char* Vv = static_cast<const char*>(a.v);
-  std::vector<float> qf(a.D), p(a.S), acc(a.Dv);
+  AlignedBuffer<float> qbuf(a.D), pbuf(a.S), abuf(a.Dv);
+  float *qf = qbuf.get(), *p = pbuf.get(), *acc = abuf.get();
   const int64_t group = a.Hq / a.Hkv;
   for (int64_t t = t0; t < t1; t++) {
     const int64_t r = t / a.Hq, h = t % a.Hq, kvh = h / group;
@@ -278,17 +279,17 @@ void attend(const AttnArgs& a, int64_t t0, int64_t t1) {
       qf[d] = a.bf16 ? from_bf16(reinterpret_cast<const uint16_t*>(qrow)[d]) : reinterpret_cast<const float*>(qrow)[d];
     float m = -INFINITY;
     for (int64_t j = lo; j < hi; j++) {
-      const float s = attn_dot<A>(qf.data(), K + (kvh * a.k_h + j * a.k_s) * esz, a.D, a.bf16) * a.scale;
+      const float s = attn_dot<A>(qf, K + (kvh * a.k_h + j * a.k_s) * esz, a.D, a.bf16) * a.scale;
       p[j - lo] = s;
       m = s > m ? s : m;
     }
     float sum = 0.0f;
     for (int64_t j = lo; j < hi; j++) {
-      const float e = std::exp(p[j - lo] - m);
+      const float e = expf(p[j - lo] - m);
       p[j - lo] = e;
       sum += e;
     }
-    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t d = 0; d < a.Dv; d++) acc[d] = 0.0f;
     for (int64_t j = lo; j < hi; j++) {
       const char* vrow = Vv + (kvh * a.v_h + j * a.v_s) * esz;
       const typename A::V w = A::set1(p[j - lo]);
@@ -296,7 +297,7 @@ void attend(const AttnArgs& a, int64_t t0, int64_t t1) {
       for (; d + A::L <= a.Dv; d += A::L) {
         typename A::V vv = a.bf16 ? A::widen(reinterpret_cast<const uint16_t*>(vrow) + d)
                                   : A::load(reinterpret_cast<const float*>(vrow) + d);
-        A::store(acc.data() + d, A::fma(w, vv, A::load(acc.data() + d)));
+        A::store(acc + d, A::fma(w, vv, A::load(acc + d)));
       }
       for (; d < a.Dv; d++)
         acc[d] += p[j - lo] * (a.bf16 ? from_bf16(reinterpret_cast<const uint16_t*>(vrow)[d])

@@ -1,6 +1,5 @@
 // Portable kernels (any CPU): plain loops in fp32. Slow, but exact to the same contract as the vector
 // kernels (each output one dot product in K order), so rows stay invariant on any machine.
-#include <memory>
 
 #include "kernels.h"
 
