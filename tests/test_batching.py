@@ -18,27 +18,42 @@ from clasp_decoding.context import runner_for
 from clasp_decoding.costs import CostTable
 from clasp_decoding.engine import Engine, Job
 from clasp_decoding.errors import InputError
-from clasp_decoding.kv_cache import KVPool
+from clasp_decoding.kv_cache import KVPool, PoolShort
 from conftest import ARCHS, random_prompt, tiny_model
 
 # ----------------------------------------------------------------------------- the pool
 
 
-def test_pool_carves_first_fit_and_coalesces():
-    pool = KVPool(num_layers=2, slots=100, dtype=torch.float32)
-    a, b, c = pool.allocate(30), pool.allocate(30), pool.allocate(30)
-    assert (a.offset, b.offset, c.offset) == (0, 30, 60) and pool.used == 90
-    assert pool.allocate(20) is None  # only 10 left
+def test_pool_caches_grow_with_the_text_and_the_pool_bounds_them():
+    """A cache takes whole blocks as it is written, doubling up to its limit and keeping what it holds;
+    the pool refuses what it has not (before anything is written); released and shrunk caches give their
+    blocks back."""
+    pool = KVPool(num_layers=2, slots=160, dtype=torch.float32)  # ten blocks of 16
+    a = pool.allocate(10, limit=100)
+    assert a.capacity == 16 and pool.used == 16
+    k = torch.randn(1, 3, 12, 8)
+    a.write(1, k, k, 0)
+    a.write(1, k[:, :, :4], k[:, :, :4], 12)  # slots 12..15: still the first block
+    assert a.capacity == 16 and a.keys[0] is None  # a layer's buffer is made at its first write
+    a.write(1, k, k, 16)  # slot 27: doubled to 32
+    assert a.capacity == 32 and pool.used == 32 and a.keys[1].shape == (1, 3, 32, 8)
+    assert torch.equal(a.keys[1][:, :, :12], k) and torch.equal(a.keys[1][:, :, 16:28], k)
+    b = pool.allocate(100, limit=200)
+    assert b.capacity == 112 and pool.used == 144
+    with pytest.raises(PoolShort):
+        a.ensure(70)  # 112 + 80 > 160: refused, nothing changed
+    assert a.capacity == 32 and pool.used == 144
+    assert pool.allocate(40, limit=50) is None
+    with pytest.raises(IndexError, match="limited to 100"):
+        a.ensure(101)
     pool.release(b)
     pool.release(b)  # twice is once
-    assert pool.used == 60 and pool.allocate(40) is None
-    pool.release(a)
-    d = pool.allocate(55)  # the two freed stretches merged
-    assert d.offset == 0 and pool.used == 85
-    k = torch.randn(1, 3, 4, 8)
-    d.write(1, k, k, 10)
-    assert pool.keys[1].shape == (1, 3, 100, 8) and torch.equal(pool.keys[1][:, :, 10:14], k)  # views, no copy
-    assert pool.keys[0] is None  # a layer's buffer is made at its first write, at the pool's size
+    assert pool.used == 32
+    a.ensure(70)
+    assert a.capacity == 80 and torch.equal(a.keys[1][:, :, 16:28], k)  # grew to what it needed (64 < 70)
+    a.length = 28
+    a.shrink(28)
+    assert a.capacity == 32 and pool.used == 32 and torch.equal(a.keys[1][:, :, 16:28], k)
 
 
 # ----------------------------------------------------------------------------- text independent of the batch
@@ -153,7 +168,9 @@ def run_jobs(engine: Engine, requests: list[tuple[list[int], GenerationConfig]],
             events = []
             while True:
                 kind, payload = await job.events.get()
-                events.append((kind, payload))
+                if kind == "started":
+                    continue
+                events.append((kind, payload.text if kind == "delta" else payload))
                 if cancel_after and cancel_after[0] == i and kind == "delta" and len(events) >= cancel_after[1]:
                     job.cancel()
                     return events
@@ -213,7 +230,7 @@ def test_a_cancelled_request_leaves_and_frees_its_slots(tiny_model_dir):
         deadline = time.time() + 10
         while engine.running and time.time() < deadline:
             time.sleep(0.05)
-        assert engine.running == 0 and engine.batch.pool.used == 0
+        assert engine.running == 0 and engine.batch.pool.used == engine.prefix.slots  # only kept prefixes
         assert engine.stats.requests["cancelled"] == 1
     finally:
         engine.close()

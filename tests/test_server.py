@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import socket
 import statistics
@@ -98,7 +97,10 @@ model_dir, port, settings = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3
 model, tok = load(model_dir, dtype="fp32")
 settings.setdefault("default_max_tokens", 64)
 app = create_app(model, tok, "tiny", ServerSettings(**settings))
-uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3)
+from clasp_decoding.server import install_drain
+server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5))
+install_drain(server, app)  # as `clasp serve` does
+server.run()
 """
 
 
@@ -301,7 +303,23 @@ LONE = "\ud800"
         (CHAT, {"model": MODEL, "messages": OK_MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         (CHAT, {"model": MODEL, "messages": OK_MSG, "stop": "x" * 300}, 400, "stop"),
         (CHAT, {"model": MODEL, "messages": OK_MSG, "presence_penalty": 1.0}, 400, "presence_penalty"),
-        (CHAT, {"model": MODEL, "messages": OK_MSG, "logprobs": True}, 400, "logprobs"),
+        (CHAT, {"model": MODEL, "messages": OK_MSG, "top_logprobs": 3}, 400, "top_logprobs needs logprobs"),
+        (CHAT, {"model": MODEL, "messages": OK_MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        (CHAT, {"model": MODEL, "messages": OK_MSG, "logprobs": 3}, 400, "logprobs must be true or false"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": True}, 400, "logprobs must be an integer"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+        (
+            CHAT,
+            {"model": MODEL, "messages": OK_MSG, "clasp": {"draft_vocab": 12345}},
+            400,
+            "clasp.draft_vocab must be one of",
+        ),
+        (
+            CHAT,
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+            400,
+            "cannot be read",
+        ),
         (
             CHAT,
             {"model": MODEL, "messages": OK_MSG, "frobnicate": 1},
@@ -658,28 +676,59 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(tiny_model_dir)
         s.stop()
 
 
-def test_shutdown_cancels_queued_and_running_work_within_seconds(tiny_model_dir):
-    s = LiveServer(tiny_model_dir, request_timeout=120, max_batch=1)  # one at a time: the rest must queue
-    events: list[str] = []
+def test_sigterm_drains_every_request_in_flight_without_a_500(tiny_model_dir):
+    """SIGTERM with requests in flight (two running, more queued): new requests get 503 shutting_down
+    with Retry-After; those in flight finish within the drain timeout or end with an OpenAI shutting_down
+    error (in a stream: an error event, then [DONE]); none gets a 500 or plain text; the process exits."""
+    s = LiveServer(tiny_model_dir, request_timeout=120, max_batch=2, drain_timeout=1.5)
+    streams: list[list[str]] = []
+    plain: list[tuple[int, str]] = []
 
-    def client():
+    def streamed(max_tokens):
+        lines: list[str] = []
+        streams.append(lines)
         try:
-            with httpx.stream("POST", s.url + CHAT, json={**LONG, "max_tokens": 490, "stream": True}, timeout=30) as r:
+            with httpx.stream(
+                "POST", s.url + CHAT, json={**LONG, "max_tokens": max_tokens, "stream": True}, timeout=30
+            ) as r:
+                lines.append(f"status {r.status_code} {r.headers.get('content-type')}")
                 for line in r.iter_lines():
-                    events.append(line)
+                    lines.append(line)
         except httpx.HTTPError as e:
-            events.append(f"closed: {type(e).__name__}")
+            lines.append(f"closed: {type(e).__name__}")
 
-    threads = [threading.Thread(target=client) for _ in range(12)]  # more work queued than the pause can serve
+    def whole():
+        r = httpx.post(s.url + CHAT, json={**LONG, "max_tokens": 490}, timeout=30)
+        plain.append((r.status_code, r.text))
+
+    threads = [threading.Thread(target=streamed, args=(8 if i == 0 else 490,)) for i in range(6)]
+    threads += [threading.Thread(target=whole) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    time.sleep(0.8)
     t0 = time.perf_counter()
     s.proc.send_signal(signal.SIGTERM)
-    s.proc.wait(timeout=15)
+    time.sleep(0.3)
+    late = httpx.post(s.url + CHAT, json=LONG, timeout=10)
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert late.headers.get("retry-after")
+    health = httpx.get(s.url + "/health", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    s.proc.wait(timeout=20)
     took = time.perf_counter() - t0
     for t in threads:
         t.join(timeout=15)
-    assert took < 6, took
     assert not any(t.is_alive() for t in threads)
-    assert any(re.search(r"shutting down|closed", e) for e in events), events[-5:]
+    assert took < 10, took
+    for lines in streams:
+        assert lines and lines[0].startswith("status 200 text/event-stream"), lines[:3]
+        data = [ln for ln in lines if ln.startswith("data: ")]
+        assert data[-1] == "data: [DONE]", lines[-4:]
+        last = json.loads(data[-2][6:])
+        assert last.get("choices") or last["error"]["code"] == "shutting_down", last
+    finished = sum(1 for lines in streams if '"finish_reason": "length"' in "".join(lines))
+    assert finished >= 1  # the short one finished within the drain
+    for status, text in plain:
+        assert status in (200, 503), (status, text[:200])
+        if status == 503:
+            assert json.loads(text)["error"]["code"] == "shutting_down"

@@ -37,10 +37,12 @@ def generation(
     *,
     raw: bool = False,
     cache=None,
+    reuse: int = 0,
     **overrides,
 ) -> Generation:
     """A :class:`~.decoding.Generation` of ``prompt`` ready to run (validated, its cache allocated, or
-    ``cache``: a ``(cache, release)`` pair from a batch's pool).
+    ``cache``: a ``(cache, release)`` pair from a batch's pool, already holding the prompt's first
+    ``reuse`` tokens when a prefix was reused).
 
     ``prompt`` is a string (the chat template is applied when the tokenizer has one, unless ``raw``), a
     list of chat messages, or a list of token ids (the only form without a tokenizer). Keyword options
@@ -60,6 +62,7 @@ def generation(
         eos_ids=eos_ids_of(model, tokenizer),
         detokenizer=IncrementalDecoder(tokenizer, cfg.stop) if tokenizer is not None else None,
         cache=cache,
+        reuse=reuse,
     )
 
 
@@ -111,7 +114,10 @@ def _generate_batch(model, tokenizer, prompts: list, config, raw: bool, max_batc
     waiting = list(enumerate(encoded))
     members: dict[int, Member] = {}
     errors: list[BaseException] = []
-    while waiting or batch.members:
+    while waiting or batch.members or batch.evicted:
+        for m in list(batch.evicted):
+            if not batch.readmit(m):
+                break
         while waiting and not batch.full and not errors:
             i, ids = waiting[0]
             room = batch.cache_for(len(ids), cfg.max_new_tokens)

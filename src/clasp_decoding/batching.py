@@ -4,17 +4,22 @@ The scheduler (:class:`Batch`) decides each iteration who runs and with how many
 (:class:`~.decoding.Generation`) keeps its own state (tokens, sampler and seed, drafter, stop strings,
 statistics); the runner runs the rows (:meth:`~.runner.ModelRunner.forward_batch`). One iteration:
 
-1. admit waiting generations that fit the cache pool (:class:`~.kv_cache.KVPool`, sized once: a full pool
-   makes requests wait, never grow memory); their prompts are prefilled in the next pass;
-2. each running generation proposes its draft (prompt lookup, within the row budget the load policy
+1. admit waiting generations whose prompt fits the cache pool (:class:`~.kv_cache.KVPool`, bounded: a
+   cache takes blocks as its text grows, not what ``max_new_tokens`` might need);
+2. make sure every generation's cache can hold its next step; where the pool runs short, give back
+   cached prefixes first (the engine's), then preempt the generation holding the most blocks: it gives
+   its cache back and waits to be recomputed (:meth:`~.decoding.Generation.evict`), exactly;
+3. each running generation proposes its draft (prompt lookup, within the row budget the load policy
    gives it; drafts that would run the model are for a generation alone);
-3. one forward pass over every generation's rows: its prompt, or its last token and its draft;
-4. each generation accepts, rolls back, stops (end of sequence, length, stop strings), streams.
+4. one forward pass over every generation's rows: the next chunk of its prompt (at most
+   ``prefill_chunk`` prompt tokens per pass while others are decoding, so that a long prompt joining
+   never stalls their streams for more than that), or its last token and its draft;
+5. each generation accepts, rolls back, stops (end of sequence, length, stop strings), streams.
 
-A request's text does not depend on what it was batched with: every linear layer runs on row-invariant
-kernels, every row attends only to its own generation's cache (through the same kernel as alone), a
-prompt is prefilled as one call of its own, and sampling is keyed by (seed, position). So greedy and
-seeded text equal the text the request gets alone, whatever joined, left or failed beside it (tested).
+A request's text does not depend on what it was batched with, how its prompt was cut into chunks, or
+whether it was preempted and recomputed: every linear layer runs on row-invariant kernels, every row
+attends only to its own generation's cache and on its own (the same kernel as alone), and sampling is
+keyed by (seed, position). So greedy and seeded text equal the text the request gets alone (tested).
 
 A generation alone runs its ordinary rounds (:meth:`~.decoding.Generation.step`): the full hybrid,
 layer-skip drafts included, as a single user gets. With several, whether drafting pays depends on the
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 
 from .decoding import Chunk, Generation
 from .errors import InputError
-from .kv_cache import KVPool
+from .kv_cache import KVPool, PoolShort
 
 MAX_ROWS = 64
 """Rows of one batched pass, prompts aside (a prompt is prefilled whole): drafts are cut to fit."""
@@ -90,57 +95,128 @@ class Member:
 
 
 class Batch:
-    """The scheduler: admits generations into a pool of cache slots, and steps all of them together.
+    """The scheduler: admits generations into a pool of cache blocks, keeps each one's cache large enough
+    for its next step (preempting where the pool runs short), and steps all of them together.
 
-    ``make(pool)`` callables queued with :meth:`add` build a generation on a pool cache (or raise); the
-    batch calls them when the pool has room. :meth:`iterate` runs one iteration; :meth:`run` until every
-    generation ended (the Python API's batch form)."""
+    :meth:`iterate` runs one iteration; :meth:`run` until every generation ended (the Python API's batch
+    form). Preempted members wait in :attr:`evicted` until the caller gives them a cache again
+    (:meth:`readmit`). ``make_room(slots)``, when given, is asked first to free cache memory held for
+    later (cached prefixes) and returns whether it freed any."""
 
-    def __init__(self, runner, pool_slots: int, max_batch: int) -> None:
+    def __init__(
+        self, runner, pool_slots: int, max_batch: int, prefill_chunk: int | None = None, make_room=None
+    ) -> None:
         self.runner = runner
         self.pool = KVPool(runner.num_layers, pool_slots, runner.dtype)
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.make_room = make_room or (lambda slots: False)
         self.members: list[Member] = []
+        self.evicted: list[Member] = []
         self.policy = LoadPolicy()
+        self.preemptions = 0
 
     @property
     def full(self) -> bool:
-        return len(self.members) >= self.max_batch
+        return len(self.members) + len(self.evicted) >= self.max_batch
 
-    def cache_for(self, prompt_len: int, max_new_tokens: int):
-        """A pool cache for a generation of this size, with its release; ``None`` while the pool is full.
-        Raises :class:`~.errors.InputError` for one that could never fit. A runner that cannot batch (the
-        GPU's graph runner, with its one static cache) gives its own cache, one generation at a time."""
+    def limit_of(self, prompt_len: int, max_new_tokens: int) -> int:
+        """The most cache slots a generation of this size can ever hold."""
+        return prompt_len + max_new_tokens + self.runner.scratch_slots()
+
+    def cache_for(self, prompt_len: int, max_new_tokens: int, first: int | None = None):
+        """A pool cache for a generation of this size holding ``first`` slots for now (default: its
+        prompt and one round), with its release; ``None`` while the pool has not the room. Raises
+        :class:`~.errors.InputError` for one that could never fit the pool. A runner that cannot batch
+        (the GPU's graph runner, with its one static cache) gives its own cache, one generation at a time."""
         if not self.runner.batchable:
             return self.runner.new_cache(prompt_len, max_new_tokens), self.runner.release_cache
-        need = prompt_len + max_new_tokens + self.runner.scratch_slots()
-        if need > self.pool.slots:
+        limit = self.limit_of(prompt_len, max_new_tokens)
+        if limit > self.pool.slots:
             raise InputError(
-                f"The prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} cache slots; "
+                f"The prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs {limit} cache slots; "
                 f"this server's cache pool holds {self.pool.slots}. Ask for fewer tokens."
             )
-        cache = self.pool.allocate(need)
+        first = min(limit, first if first is not None else prompt_len + 64 + self.runner.scratch_slots())
+        cache = self.pool.allocate(first, limit)
+        if cache is None and self.make_room(first):
+            cache = self.pool.allocate(first, limit)
         return None if cache is None else (cache, self.pool.release)
 
     def join(self, member: Member) -> None:
         self.members.append(member)
 
+    def readmit(self, member: Member) -> bool:
+        """Give a preempted member a cache again (in the order they were preempted); whether it fit."""
+        g = member.generation
+        s = g.state
+        room = self.cache_for(s.prompt_len, s.config.max_new_tokens, first=g.next_end(self.prefill_chunk))
+        if room is None:
+            return False
+        g.attach(*room)
+        self.evicted.remove(member)
+        self.members.append(member)
+        return True
+
     def iterate(self) -> None:
         """One iteration: a solo step for a lone generation (or where the runner cannot batch), else one
         shared pass for all."""
         self.members = [m for m in self.members if self._alive(m)]
+        self.evicted = [m for m in self.evicted if self._alive(m)]
         if not self.members:
             return
         if len(self.members) == 1 or not self.runner.batchable:
             for m in list(self.members):
-                self._solo(m)
+                if self._fits(m, None):
+                    self._solo(m)
         else:
             self._shared()
         self.members = [m for m in self.members if self._alive(m)]
 
     def run(self) -> None:
-        while self.members:
+        while self.members or self.evicted:
+            for m in list(self.evicted):
+                if not self.readmit(m):
+                    break
+            if not self.members and self.evicted:
+                m = self.evicted[0]
+                self._fail(m, InputError("The cache pool cannot hold this generation."))
+                continue
             self.iterate()
+
+    # ------------------------------------------------------------------ room in the pool
+
+    def _fits(self, m: Member, budget: int | None) -> bool:
+        """Make ``m``'s cache hold its next step, freeing room where needed (cached prefixes first, then
+        the member holding the most blocks, ``m`` itself if it is that one). Whether ``m`` may step."""
+        if not self.runner.batchable:
+            return True
+        g = m.generation
+        while True:
+            try:
+                g.state.cache.ensure(min(g.next_end(budget), g.state.cache.limit))
+                return True
+            except PoolShort as short:
+                if self.make_room(short.needed):
+                    continue
+                victim = max(self.members, key=lambda x: (x.generation.state.cache.blocks, self.members.index(x)))
+                if victim is m and len(self.members) == 1:
+                    self._fail(
+                        m,
+                        InputError(
+                            f"The cache pool ({self.pool.slots} slots) cannot hold this generation's next step."
+                        ),
+                    )
+                    return False
+                self._preempt(victim)
+                if victim is m:
+                    return False
+
+    def _preempt(self, m: Member) -> None:
+        m.generation.evict()
+        self.members.remove(m)
+        self.evicted.append(m)
+        self.preemptions += 1
 
     # ------------------------------------------------------------------ the two kinds of iteration
 
@@ -162,28 +238,41 @@ class Batch:
             m.on_chunk(chunk)
 
     def _shared(self) -> None:
+        decoding = [m for m in self.members if not m.generation.filling]
+        budget = self.prefill_chunk if decoding else None  # nobody to stall: a prompt goes in whole
+        for m in list(self.members):  # oldest first: a newcomer is preempted before it can push one out
+            if m in self.members:
+                self._fits(m, budget)
+        if not self.members:
+            return
         size = len(self.members)
         drafting = self.policy.drafting(size)
-        decoding = [m for m in self.members if m.generation.stats.steps > 0]
+        decoding = [m for m in self.members if not m.generation.filling]
         limit = max(0, (MAX_ROWS - size) // max(1, len(decoding))) if drafting else 0
-        ready = []
+        ready, left = [], budget
         for m in self.members:
+            g = m.generation
+            if g.filling and left is not None and left <= 0:
+                continue  # this pass's prompt budget is spent: its next chunk waits a pass
             try:
-                m.tokens, m.start = m.generation.rows(limit)
+                m.tokens, m.start = g.rows(limit, left)
             except Exception as e:
                 self._fail(m, e)
                 continue
+            if g.filling and left is not None:
+                left -= len(m.tokens)
             ready.append(m)
         if not ready:
             return
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward_batch(
-                [(m.generation.state.cache, m.tokens, m.start, m.start == 0) for m in ready]
+                [(m.generation.state.cache, m.tokens, m.start, m.generation.filling) for m in ready]
             )
         except Exception:
             logits = self._apart(ready)  # find whose rows failed; the others' results are the same bits
         before = sum(m.generation.state.generated for m in ready)
+        fills = any(m.generation.filling for m in ready)
         for m, rows in zip(ready, logits, strict=True):
             if rows is None:
                 continue
@@ -193,7 +282,7 @@ class Batch:
                 self._fail(m, e)
                 continue
             m.on_chunk(chunk)
-        if all(m.start > 0 for m in ready):  # a pass with prompts in it says nothing about decoding speed
+        if not fills:  # a pass with prompts in it says nothing about decoding speed
             made = sum(m.generation.state.generated for m in ready) - before
             self.policy.observe(size, drafting, made, time.perf_counter() - t0)
 
@@ -202,9 +291,9 @@ class Batch:
         they would have had together); a generation whose rows fail alone gets the error."""
         out = []
         for m in ready:
-            cache = m.generation.state.cache
+            g = m.generation
             try:
-                out.append(self.runner.forward_batch([(cache, m.tokens, m.start, m.start == 0)])[0])
+                out.append(self.runner.forward_batch([(g.state.cache, m.tokens, m.start, g.filling)])[0])
             except Exception as e:
                 self._fail(m, e)
                 out.append(None)
@@ -214,6 +303,8 @@ class Batch:
         m.generation.close()
         if m in self.members:
             self.members.remove(m)
+        if m in self.evicted:
+            self.evicted.remove(m)
         m.on_error(e)
 
 

@@ -214,6 +214,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ClaspError("--max-queue, --timeout, --default-max-tokens and --max-body-mb must be positive.")
     if (a.max_batch is not None and a.max_batch < 1) or (a.kv_pool_tokens is not None and a.kv_pool_tokens < 1):
         raise ClaspError("--max-batch and --kv-pool-tokens must be positive.")
+    if (a.prefill_chunk is not None and a.prefill_chunk < 1) or a.drain_timeout < 0:
+        raise ClaspError("--prefill-chunk must be positive and --drain-timeout at least 0.")
+    try:
+        vocabs = tuple(sorted({int(v) for v in a.draft_vocabs.split(",")}))
+    except ValueError:
+        raise ClaspError(f"--draft-vocabs takes integers separated by commas, got {a.draft_vocabs!r}.") from None
+    if any(v < 0 for v in vocabs):
+        raise ClaspError("--draft-vocabs takes sizes of at least 0 (0: the whole vocabulary).")
     key = a.api_key or os.environ.get("CLASP_API_KEY") or None
     check_bind(a.host, key, a.insecure_no_auth)  # before the model loads: fail fast
     settings = ServerSettings(
@@ -225,7 +233,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         default_max_tokens=a.default_max_tokens,
         api_key=key,
         max_body_bytes=int(a.max_body_mb * (1 << 20)),
-        limits=Limits(),
+        limits=Limits(draft_vocabs=tuple(sorted({*vocabs, config.draft_vocab}))),
+        prefill_chunk=a.prefill_chunk,
+        prefix_cache=a.prefix_cache,
+        drain_timeout=a.drain_timeout,
     )
     serve(
         a.model,
@@ -290,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_generation_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $CLASP_API_KEY)")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY'; several keys separated by commas give each user their own "
+        "(default: $CLASP_API_KEY)",
+    )
     s.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --host without an API key")
     s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, in MiB (413 beyond)")
     s.add_argument("--port", type=int, default=8000)
@@ -303,6 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="cache slots the running requests share (default: max-batch x the model's context, at most 4096 each)",
+    )
+    s.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prompt tokens per pass while other requests decode (default: from measured costs, so that a joining "
+        "prompt never stalls running streams more than about one step)",
+    )
+    s.add_argument(
+        "--prefix-cache",
+        choices=("key", "shared", "off"),
+        default="key",
+        help="reuse finished requests' caches for prompts that start the same: within one API key (default), "
+        "across keys, or not at all",
+    )
+    s.add_argument(
+        "--draft-vocabs",
+        default="0,8192,32768",
+        help="draft vocabulary sizes a request may ask for in clasp.draft_vocab (each builds a draft head)",
+    )
+    s.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM/SIGINT"
     )
     s.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
     s.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when a request sets none")

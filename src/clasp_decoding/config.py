@@ -10,6 +10,8 @@ from .sampling import SamplingParams
 
 MAX_SEED = 2**64
 """Seeds are 64-bit: ``0 <= seed < 2**64``."""
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token ``logprobs`` may ask for (OpenAI's limit)."""
 
 CEILINGS = {
     "max_draft_tokens": 256,
@@ -41,6 +43,7 @@ class GenerationConfig:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # each new token's log-probability and its top ``logprobs`` alternatives
     method: str = "hybrid"  # prompt lookup, CLaSp's layer skip or plain decoding, per round, by cost
     # Layer skipping (clasp, static, hybrid).
     skip_ratio: float = 0.3
@@ -124,6 +127,10 @@ def _check_numbers(c: GenerationConfig) -> None:
         raise ConfigError(f"top_p must be in (0, 1], got {c.top_p}.")
     if not _is_int(c.top_k) or c.top_k < 0:
         raise ConfigError(f"top_k must be an integer >= 0 (0 switches it off), got {c.top_k!r}.")
+    if c.logprobs is not None and (not _is_int(c.logprobs) or not 0 <= c.logprobs <= MAX_TOP_LOGPROBS):
+        raise ConfigError(
+            f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {c.logprobs!r}."
+        )
     if c.seed is not None and (not _is_int(c.seed) or not 0 <= c.seed < MAX_SEED):
         raise ConfigError(f"seed must be an integer in [0, 2**64), got {c.seed!r}.")
     if not 0 < c.skip_ratio < 1:

@@ -34,7 +34,9 @@ def _announce(model, runner: ModelRunner) -> None:
     }[report.linear_mode]
     warnings.warn(
         f"clasp-decoding installed its numerics on this {type(model).__name__}: linear layers on {kernels}"
-        f"{', attention row by row in verifications' if report.attention_rowwise else ''}. model.generate on it now "
+        f"{', attention row by row' if report.attention_rowwise else ''}"
+        f"{' (prompts too)' if report.prompt_rowwise else ' in verifications' if report.attention_rowwise else ''}. "
+        "model.generate on it now "
         "computes with them too (it is the exact reference for our plain decoding); its greedy text can differ "
         "from an untouched model's where two tokens tie within rounding. clasp_decoding.restore(model) takes "
         "them off.",

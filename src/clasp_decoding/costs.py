@@ -10,6 +10,8 @@ from these figures (and keeps refining them online), so it drafts only where dra
 from __future__ import annotations
 
 import functools
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -77,8 +79,9 @@ class EMA:
         self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
 
 
-LADDER = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 31)
-"""Draft counts whose verification is timed (``k`` drafts = ``k + 1`` rows)."""
+LADDER = (0, 1, 2, 4, 8, 16, 31)
+"""Draft counts whose verification is timed (``k`` drafts = ``k + 1`` rows); counts between are
+interpolated (:meth:`CostTable.rows`)."""
 
 
 @dataclass
@@ -111,6 +114,40 @@ class CostTable:
         step = self.draft_step.get(quant)
         if step is not None and self.num_skip:
             state.draft_step.setdefault(self.num_skip, EMA(value=step))
+
+
+def remembered(runner, **kw) -> CostTable:
+    """:func:`measure`'s table for this model on this machine, kept in the cache folder so that later
+    processes start from it (a model is known by its name or path, shapes and dtype, the machine by its
+    CPU and kernel build). The controller refines every figure online anyway; a model without a name or
+    path (built in memory) is measured every time. ``CLASP_REMEASURE=1`` measures again."""
+    from .cpu_linear import _machine_key
+    from .paths import cache_dir
+
+    cfg = runner.config
+    name = getattr(cfg, "_name_or_path", "") or ""
+    if not name or runner.device.type != "cpu":
+        return measure(runner, **kw)
+    shapes = (cfg.model_type, runner.num_layers, getattr(cfg, "hidden_size", 0), runner.vocab_size, str(runner.dtype))
+    key = f"{_machine_key()} | {name} | {shapes} | {runner.numerics.linear_mode} | {sorted(kw.items())}"
+    path = cache_dir() / "costs.json"
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    entry = kept.get(key)
+    if entry and os.environ.get("CLASP_REMEASURE", "0") != "1":
+        return CostTable({int(k): v for k, v in entry["verify"].items()}, entry["draft_step"], entry["num_skip"])
+    table = measure(runner, **kw)
+    kept[key] = {"verify": table.verify, "draft_step": table.draft_step, "num_skip": table.num_skip}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return table
 
 
 def measure(runner, *, context: int = 256, num_skip: int | None = None, modules=None, quant: str = "none") -> CostTable:

@@ -45,11 +45,23 @@ of them to keep because generation must stop there, or ``None`` to go on."""
 
 
 @dataclass
+class TokenLogprob:
+    """A new token's log-probability under the model (its own distribution at that position, before
+    temperature, top-k or top-p) and the ``top`` most probable tokens there, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Chunk:
-    """What one step produced: the new token ids and the new text (whole characters only)."""
+    """What one step produced: the new token ids and the new text (whole characters only); with
+    ``logprobs`` asked for, one :class:`TokenLogprob` per new token."""
 
     token_ids: list[int]
     text: str = ""
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -63,6 +75,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS, stop string or a stopper) or "length"
     stats: GenerationStats = field(default_factory=GenerationStats)
     config: GenerationConfig | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
 
 
 def sampler_for(
@@ -82,7 +95,12 @@ def sampler_for(
 
 class Generation:
     """One generation in flight. Iterate it (or call :meth:`step`) for a :class:`Chunk` per round; read
-    :meth:`result` afterwards. It holds a KV cache until it ends or :meth:`close` is called."""
+    :meth:`result` afterwards. It holds a KV cache until it ends or :meth:`close` is called.
+
+    Before its rounds, the cache is *filled*: the prompt (from slot ``reuse`` when a prefix is already
+    there), whose last row gives the first token; or, after :meth:`evict` and :meth:`attach`, every token
+    so far but the last (a recomputation). A batch fills in chunks (:meth:`rows` with a budget); every
+    row's bits are independent of the cut (row-invariant kernels), so the text is the same."""
 
     def __init__(
         self,
@@ -97,9 +115,11 @@ class Generation:
         stopper: Stopper | None = None,
         sampler_mode: str | None = None,
         cache=None,
+        reuse: int = 0,
     ) -> None:
         """``cache``: ``(cache, release)`` from elsewhere (a batch's pool) instead of one from the runner;
-        ``release(cache)`` is called when the generation ends."""
+        ``release(cache)`` is called when the generation ends. ``reuse``: that cache already holds the
+        prompt's first ``reuse`` tokens (a reused prefix)."""
         config.validate(runner.num_layers)
         prompt = list(prompt_ids)
         bad = [t for t in prompt if not 0 <= t < runner.vocab_size]
@@ -128,7 +148,15 @@ class Generation:
         self.detokenizer = detokenizer
         self.stopper = stopper
         self.stats = GenerationStats(prompt_tokens=len(prompt))
+        self.stats.reused_tokens = reuse
         self.finish_reason: str | None = None
+        if not 0 <= reuse < len(prompt):
+            raise InputError(f"reuse must be below the prompt's length ({len(prompt)}), got {reuse}.")
+        self._fill_to: int | None = len(prompt)  # tokens the cache must hold before rounds (None: it does)
+        self._filled = reuse
+        self._first_fill = True  # the fill ends by choosing the first new token
+        self._fill_end = 0
+        self.logprobs: list[TokenLogprob] | None = [] if config.logprobs is not None else None
         limits = [runner.numerics.max_verify_drafts, None if runner.max_rows is None else runner.max_rows - 1]
         self.draft_limit = min((x for x in limits if x is not None), default=None)
 
@@ -142,11 +170,39 @@ class Generation:
         while (chunk := self.step()) is not None:
             yield chunk
 
+    @property
+    def filling(self) -> bool:
+        """Whether the cache is still being filled (a prompt, or a recomputation after :meth:`evict`)."""
+        return self._fill_to is not None
+
     def step(self) -> Chunk | None:
-        """Prefill (first call) or one round; ``None`` once the generation has ended."""
+        """The fill (first call) or one round; ``None`` once the generation has ended."""
         if self.done:
             return None
-        return self._guarded(lambda: self.finish(self._prefill() if self.stats.steps == 0 else self._round()))
+        return self._guarded(lambda: self.finish(self._prefill() if self.filling else self._round()))
+
+    def next_end(self, budget: int | None = None) -> int:
+        """The cache slots the next step may write: ``[0, next_end)`` (a fill of at most ``budget``
+        tokens; a round's verification, drafts and layer-selection scratch)."""
+        s = self.state
+        if self.filling:
+            return self._fill_to if budget is None else min(self._fill_to, self._filled + budget)
+        longest = min(s.config.max_new_tokens - s.generated, max(s.config.max_draft_tokens, s.config.hybrid_max_lookup))
+        return s.cache.length + max(longest, 0) + 1 + s.runner.scratch_slots()
+
+    def evict(self) -> None:
+        """Give the cache back mid-way (a full pool); :meth:`attach` a new one later, which this generation
+        then fills with every token so far (the same bits) before it goes on."""
+        self._release()
+        self.state.cache = None
+        self._fill_to = self.state.prompt_len if self._first_fill else len(self.state.tokens) - 1
+        self._filled = 0
+
+    def attach(self, cache, release, reuse: int = 0) -> None:
+        """A new cache after :meth:`evict` (holding ``reuse`` tokens of this generation's already)."""
+        self.state.cache = cache
+        self._release = weakref.finalize(self, release, cache)
+        self._filled = reuse
 
     def _guarded(self, work: Callable[[], T]) -> T:
         """Run part of a step: its time counted, the cache given back if it fails or the generation ends."""
@@ -167,12 +223,14 @@ class Generation:
     # the batch runs them with everyone else's; ``advance(logits, started)`` takes this generation's
     # logits (the last row for a prompt) and ends the step.
 
-    def rows(self, limit: int | None = None) -> tuple[list[int], int]:
-        """The tokens this generation puts in the next shared pass, and the slot of the first one. A
-        draft (of at most ``limit`` tokens) is made here, without running the model."""
+    def rows(self, limit: int | None = None, budget: int | None = None) -> tuple[list[int], int]:
+        """The tokens this generation puts in the next shared pass, and the slot of the first one: the
+        next chunk of its fill (at most ``budget`` tokens), or its last token and a draft (of at most
+        ``limit`` tokens, made here without running the model)."""
         s = self.state
-        if self.stats.steps == 0:
-            return list(s.tokens), 0
+        if self.filling:
+            self._fill_end = self.next_end(budget)
+            return s.tokens[self._filled : self._fill_end], self._filled
         s.solo = False
         try:
             draft = self._guarded(lambda: self.draft(limit))
@@ -181,9 +239,9 @@ class Generation:
         return [s.last_token, *draft.tokens], s.cache.length
 
     def advance(self, logits: torch.Tensor, started: float) -> Chunk:
-        """End a shared step with this generation's ``logits``."""
-        if self.stats.steps == 0:
-            return self._guarded(lambda: self.finish(self._prefilled(logits, None, started)))
+        """End a shared step with this generation's ``logits`` (a fill's: its last row's)."""
+        if self.filling:
+            return self._guarded(lambda: self.finish(self._filled_to(self._fill_end, logits, None, started)))
         return self._guarded(lambda: self.finish(self.verified(logits, None, started, shared=True)))
 
     def run(self) -> GenerationResult:
@@ -202,6 +260,7 @@ class Generation:
             finish_reason=self.finish_reason or "length",
             stats=self.stats,
             config=s.config,
+            logprobs=self.logprobs,
         )
 
     def close(self) -> None:
@@ -213,24 +272,47 @@ class Generation:
     # ------------------------------------------------------------------ the loop
 
     def _prefill(self) -> list[int]:
-        """Every prompt token through every layer; the first new token comes from its last row."""
+        """The rest of the fill in one pass: every token through every layer (a prompt's last row gives
+        the first new token)."""
         s = self.state
         t0 = time.perf_counter()
-        prompt = torch.tensor(s.tokens, device=s.runner.device)
-        logits, hidden = s.runner.forward(
-            s.cache, prompt, 0, last_only=True, collect_hidden=self.drafter.wants_prefill_hidden()
-        )
-        return self._prefilled(logits, hidden[:, -1] if hidden is not None else None, t0)
+        end = self._fill_to
+        tokens = torch.tensor(s.tokens[self._filled : end], device=s.runner.device)
+        wants = self._first_fill and self.drafter.wants_prefill_hidden()
+        logits, hidden = s.runner.forward(s.cache, tokens, self._filled, last_only=True, collect_hidden=wants)
+        return self._filled_to(end, logits, hidden[:, -1] if hidden is not None else None, t0)
 
-    def _prefilled(self, logits: torch.Tensor, hidden: torch.Tensor | None, started: float) -> list[int]:
+    def _filled_to(self, end: int, logits: torch.Tensor, hidden: torch.Tensor | None, started: float) -> list[int]:
+        """The cache now holds the first ``end`` tokens; at the end of a prompt's fill, choose the first
+        new token from ``logits`` (its last row)."""
         s, stats = self.state, self.stats
-        s.cache.rollback(s.prompt_len)
+        s.cache.rollback(end)
+        self._filled = end
+        stats.time_prefill += time.perf_counter() - started
+        if end < self._fill_to:
+            return []
+        self._fill_to = None
+        if not self._first_fill:  # a recomputation: the next token is known already
+            return []
+        self._first_fill = False
         first = int(s.sampler.choose(logits, s.prompt_len)[0])
-        stats.time_prefill = time.perf_counter() - started
         stats.steps = 1
         s.tokens.append(first)
+        self._note_logprobs(logits, [first])
         self._record(self.drafter.start(s, hidden))
         return [first]
+
+    def _note_logprobs(self, logits: torch.Tensor, ids: list[int]) -> None:
+        """Log-probabilities of the new tokens ``ids`` from the verification's own rows of ``logits``."""
+        if self.logprobs is None or not ids:
+            return
+        lp = torch.log_softmax(logits[: len(ids)].float(), dim=-1)
+        chosen = lp.gather(-1, torch.tensor(ids, device=lp.device)[:, None])[:, 0].tolist()
+        n = self.state.config.logprobs
+        tops = lp.topk(n, dim=-1) if n else None
+        for i, (tok, value) in enumerate(zip(ids, chosen, strict=True)):
+            top = list(zip(tops.indices[i].tolist(), tops.values[i].tolist(), strict=True)) if tops is not None else []
+            self.logprobs.append(TokenLogprob(tok, value, top))
 
     def _round(self) -> list[int]:
         s = self.state
@@ -295,6 +377,7 @@ class Generation:
         seconds = time.perf_counter() - started  # the acceptance's host sync makes this the real time
         s.cache.rollback(n + a + 1)
         s.tokens.extend([*draft.tokens[:a], nxt])
+        self._note_logprobs(logits, [*draft.tokens[:a], nxt])
         stats.time_verify += seconds
         stats.steps += 1
         stats.drafted += k
@@ -316,6 +399,8 @@ class Generation:
         """Cut the round's new tokens (already in ``state.tokens``) at EOS, the token limit, a stopper
         or a stop string; decide whether the generation goes on; decode the new text."""
         s = self.state
+        if not new:  # a chunk of a fill
+            return Chunk([], "", [] if self.logprobs is not None else None)
         eos_cut = next((i + 1 for i, t in enumerate(new) if t in s.eos_ids), None)
         over = s.generated - s.config.max_new_tokens
         length_cut = len(new) - over if over >= 0 else None
@@ -338,7 +423,8 @@ class Generation:
             elif self.done:
                 text += self.detokenizer.flush()
         self.stats.new_tokens = s.generated
-        return Chunk(list(new), text)
+        logprobs = self.logprobs[len(self.logprobs) - len(new) :] if self.logprobs is not None else None
+        return Chunk(list(new), text, logprobs)
 
     def _drop(self, new: list[int], keep: int) -> None:
         """Keep only the first ``keep`` of the round's ``new`` tokens, in the list and in the state."""
@@ -346,3 +432,5 @@ class Generation:
         if extra > 0:
             del self.state.tokens[-extra:]
             del new[keep:]
+            if self.logprobs is not None:
+                del self.logprobs[-extra:]

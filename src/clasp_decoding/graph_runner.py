@@ -48,7 +48,7 @@ from . import graph_emulation
 from .draft_head import VocabSubset
 from .errors import InputError, RunnerBusyError
 from .kv_cache import KVCache
-from .runner import ModelRunner
+from .runner import AS_GIVEN, ModelRunner
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 """Rows per call that have graphs: a call of ``q`` rows replays the smallest bucket that holds it."""
@@ -323,6 +323,7 @@ class GraphRunner(ModelRunner):
                 position_embeddings=b.pe[kind],
                 position_ids=b.positions,
                 **{self._cache_kw: self.cache},
+                **({"clasp_rows": AS_GIVEN} if self.wrapped_attention else {}),  # its own masks, as given
             )
             out = out[0] if isinstance(out, tuple) else out
             b.hidden.copy_(out)

@@ -81,69 +81,156 @@ class KVCache:
         return False
 
 
+BLOCK = 16
+"""Cache slots per block: the unit a pool counts and a growing cache takes."""
+
+
+class PoolShort(Exception):
+    """A pool has fewer free blocks than a cache asked for (the scheduler preempts or refuses)."""
+
+    def __init__(self, needed: int, free: int) -> None:
+        super().__init__(f"the cache pool has {free} free slots; {needed} more were asked for")
+        self.needed, self.free = needed, free
+
+
 class KVPool:
-    """Cache memory for many generations at once, sized once: per layer one buffer of ``slots`` slots,
-    carved into per-generation caches (:class:`PoolCache`, views: nothing is copied, ever) by first fit.
-    A pool bounds what concurrent generations can hold, whatever they ask."""
+    """Cache memory for many generations at once, bounded: ``slots`` cache slots counted in blocks of
+    :data:`BLOCK`. A generation's cache (:class:`PoolCache`) takes blocks as its text grows, not what it
+    might write, and gives them back when it ends; the pool bounds what all of them hold together,
+    whatever they ask. (Each cache keeps its slots in buffers of its own, so nothing is ever fragmented,
+    and growing copies a cache's slots once per doubling, never per round.)"""
 
     def __init__(self, num_layers: int, slots: int, dtype: torch.dtype) -> None:
-        self.num_layers, self.slots, self.dtype = num_layers, slots, dtype
-        self.keys: list[torch.Tensor | None] = [None] * num_layers  # made at a layer's first write
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.free: list[tuple[int, int]] = [(0, slots)]  # (start, length), sorted, coalesced
+        self.num_layers, self.dtype = num_layers, dtype
+        self.blocks = max(1, -(-slots // BLOCK))
+        self.taken = 0
 
-    def allocate(self, capacity: int) -> PoolCache | None:
-        """A cache of ``capacity`` slots, or ``None`` while the pool has no such free stretch."""
-        for i, (start, length) in enumerate(self.free):
-            if length >= capacity:
-                rest = (start + capacity, length - capacity)
-                self.free[i : i + 1] = [rest] if rest[1] else []
-                return PoolCache(self, start, capacity)
-        return None
-
-    def release(self, cache: PoolCache) -> None:
-        """Give ``cache``'s slots back (once; later calls do nothing)."""
-        if cache.released:
-            return
-        cache.released = True
-        self.free.append((cache.offset, cache.capacity))
-        self.free.sort()
-        merged: list[tuple[int, int]] = []
-        for start, length in self.free:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + length)
-            else:
-                merged.append((start, length))
-        self.free = merged
+    @property
+    def slots(self) -> int:
+        return self.blocks * BLOCK
 
     @property
     def used(self) -> int:
-        return self.slots - sum(length for _, length in self.free)
+        """Slots held by caches."""
+        return self.taken * BLOCK
 
-    def layer(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        """The pool's buffers for ``layer_idx``, made at its first write (shapes from the first keys)."""
-        if self.keys[layer_idx] is None:
-            b, h, _, d = key_states.shape
-            dev = key_states.device
-            self.keys[layer_idx] = torch.zeros(b, h, self.slots, d, dtype=self.dtype, device=dev)
-            self.values[layer_idx] = torch.zeros(
-                b, value_states.shape[1], self.slots, value_states.shape[-1], dtype=self.dtype, device=dev
-            )
-        return self.keys[layer_idx], self.values[layer_idx]
+    @property
+    def free(self) -> int:
+        return self.slots - self.used
+
+    def take(self, blocks: int) -> bool:
+        if blocks > self.blocks - self.taken:
+            return False
+        self.taken += blocks
+        return True
+
+    def give(self, blocks: int) -> None:
+        self.taken -= blocks
+
+    def allocate(self, first: int, limit: int) -> PoolCache | None:
+        """A cache that holds ``first`` slots now and may grow to ``limit``; ``None`` while the pool has
+        not the blocks for ``first``."""
+        cache = PoolCache(self, 0, limit)
+        try:
+            cache.ensure(first)
+        except PoolShort:
+            return None
+        return cache
+
+    def release(self, cache: PoolCache) -> None:
+        """Give ``cache``'s blocks back (once; later calls do nothing) and drop its buffers."""
+        if cache.released:
+            return
+        cache.released = True
+        self.give(cache.capacity // BLOCK)
+        cache.keys = [None] * cache.num_layers
+        cache.values = [None] * cache.num_layers
+        cache.capacity = 0
 
 
 class PoolCache(KVCache):
-    """A generation's cache: slots ``[offset, offset + capacity)`` of a :class:`KVPool`."""
+    """A generation's cache in a :class:`KVPool`: ``capacity`` slots now (whole blocks), growing on
+    demand up to ``limit``. Growing takes blocks from the pool first and raises :class:`PoolShort` where
+    the pool has none, before anything is written; then each layer's buffers are reallocated and the
+    slots written so far copied over."""
 
-    def __init__(self, pool: KVPool, offset: int, capacity: int) -> None:
+    def __init__(self, pool: KVPool, capacity: int, limit: int) -> None:
         super().__init__(pool.num_layers, capacity, pool.dtype)
-        self.pool, self.offset, self.released = pool, offset, False
+        self.pool, self.limit, self.released = pool, limit, False
+        self.high = 0  # slots [0, high) may hold something (verified or scratch)
 
-    def _allocate(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        keys, values = self.pool.layer(layer_idx, key_states, value_states)
-        span = slice(self.offset, self.offset + self.capacity)
-        self.keys[layer_idx], self.values[layer_idx] = keys[:, :, span], values[:, :, span]
-        return self.keys[layer_idx], self.values[layer_idx]
+    @property
+    def blocks(self) -> int:
+        return self.capacity // BLOCK
+
+    def ensure(self, end: int) -> None:
+        """Make slots ``[0, end)`` writable: grow (doubling, to at most ``limit``) if needed."""
+        if end <= self.capacity:
+            return
+        if self.released:
+            raise RuntimeError("this cache was given back to its pool")
+        if end > self.limit:
+            raise IndexError(f"KV cache overflow: slot {end - 1} asked of a cache limited to {self.limit} slots")
+        target = min(max(end, 2 * self.capacity), self.limit)
+        for size in (target, end):
+            size = min(-(-size // BLOCK) * BLOCK, -(-self.limit // BLOCK) * BLOCK)
+            if self.pool.take(size // BLOCK - self.blocks):
+                self._grow(size)
+                return
+        raise PoolShort(-(-end // BLOCK) * BLOCK - self.capacity, self.pool.free)
+
+    def _grow(self, size: int) -> None:
+        self._resize(size)
+
+    def _resize(self, size: int) -> None:
+        keep = min(self.high, size)
+        for layer in range(self.num_layers):
+            for bufs in (self.keys, self.values):
+                old = bufs[layer]
+                if old is None:
+                    continue
+                new = old.new_zeros(*old.shape[:2], size, old.shape[-1])
+                new[:, :, :keep].copy_(old[:, :, :keep])
+                bufs[layer] = new
+        self.capacity, self.high = size, keep
+
+    def shrink(self, slots: int) -> None:
+        """Keep only slots ``[0, slots)`` (whole blocks), giving the rest back to the pool (a finished
+        generation's cache, kept for prefix reuse)."""
+        size = max(BLOCK, -(-slots // BLOCK) * BLOCK)
+        if size >= self.capacity or self.released:
+            return
+        before = self.capacity
+        self._resize(size)
+        self.pool.give((before - size) // BLOCK)
+        self.length = min(self.length, size)
+
+    def route(self, write_start: int, num_new: int, read_len: int | None = None) -> None:
+        self.ensure(write_start + num_new)
+        super().route(write_start, num_new, read_len)
+
+    def write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, start: int):
+        end = start + key_states.shape[-2]
+        self.ensure(end)
+        self.high = max(self.high, end)
+        return super().write(layer_idx, key_states, value_states, start)
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self.limit:
+            raise ValueError(f"cannot set cache length to {length} (limit {self.limit})")
+        self.length = length
+
+    def copy_from(self, other: KVCache, length: int) -> None:
+        """Slots ``[0, length)`` of ``other`` (a reused prefix) into this cache, which must hold them."""
+        if getattr(other, "released", False) or length > other.length:
+            raise ValueError("a prefix can only be copied from a live cache that holds it")
+        self.ensure(length)
+        for layer in range(self.num_layers):
+            if other.keys[layer] is None:
+                continue
+            k, v = other.keys[layer][:, :, :length], other.values[layer][:, :, :length]
+            self.write(layer, k, v, 0)
+        self.length = length
 
 
 class BatchCache:

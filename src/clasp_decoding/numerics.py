@@ -29,6 +29,7 @@ the runner carry no ``clasp_rows`` argument and reach the model's original atten
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 import warnings
@@ -84,6 +85,7 @@ class NumericsReport:
     attention_rowwise: bool
     linear_mode: str  # "kernel" (the project's), "invariant" (torch's as is), "padded" (single rows padded), "inexact"
     max_rows: int = ROW_LADDER[-1]  # the most rows one call may have and stay row-exact
+    prompt_rowwise: bool = False  # prompts too: a prompt's cache is the same however it was cut (prefix reuse)
 
     @property
     def max_verify_drafts(self) -> int | None:
@@ -136,17 +138,41 @@ def _scale(module, query: torch.Tensor, kwargs: dict) -> float:
     return float(scaling) if scaling is not None else query.shape[-1] ** -0.5
 
 
+def _hf_window(module, query: torch.Tensor, key: torch.Tensor, mask) -> int | None:
+    """For ``transformers``' own call (no row spec): the sliding window under which the project's kernel
+    attends exactly what ``mask`` allows (0: plainly causal), or ``None`` where it would not (padding, a
+    batch, an unusual mask). Queries are the last ``q`` positions of the ``S`` keys given."""
+    if query.shape[0] != 1:
+        return None
+    if mask is None:
+        return 0
+    q, s = query.shape[2], key.shape[2]
+    allowed = mask[0, 0, -q:, :s] if mask.dtype is torch.bool else mask[0, 0, -q:, :s] > -1
+    if allowed.shape != (q, s):
+        return None
+    pos = torch.arange(s - q, s, device=mask.device)[:, None]
+    keys = torch.arange(s, device=mask.device)[None, :]
+    causal = keys <= pos
+    for window in (0, getattr(module, "sliding_window", None) or 0):
+        expected = causal & (keys > pos - window) if window else causal
+        if torch.equal(allowed, expected):
+            return window
+    return None
+
+
 def _make_backend(inner_name: str):
     """The row-exact wrapper of attention backend ``inner_name``.
 
     Each query row is attended the way one decoding step is: over the keys that its own cache would hold
-    (all slots up to the row's position, or for a sliding-window layer the last ``window`` of them, which
-    is all a sliding cache keeps). Where the project's attention kernel applies (:func:`_kernel_attends`),
-    it attends every row of a call at once, each on its own (:func:`.kernels.attention`), and it also
-    attends ``transformers``' own single-query decoding steps on this model, so its ``generate`` computes
-    the same bits. Elsewhere each row is one call of the model's own attention function, with no mask
-    while fewer keys than the window are read and, like ``transformers``, an all-visible mask once the
-    window is full. A prefill from slot 0 is one call, as ``transformers``' own prefill makes it.
+    (all slots up to the row's position, or for a sliding-window layer the last ``window`` of them). Where
+    the project's attention kernel applies (:func:`_kernel_attends`), it attends every row of every call,
+    prompts included, each row on its own (:func:`.kernels.attention`): so a row's bits never depend on
+    how many rows share the call, and a prompt's cache is the same whether it was prefilled at once, in
+    chunks, beside other users or decoded token by token (which prefix reuse relies on). It also attends
+    ``transformers``' own calls on this model where their mask is the plain causal (or sliding) one, so
+    its ``generate`` computes the same bits. Elsewhere each row is one call of the model's own attention
+    function, with no mask while fewer keys than the window are read and, like ``transformers``, an
+    all-visible mask once the window is full; and a prefill from slot 0 is one call, as in ``transformers``.
     """
 
     def clasp_attention(module, query, key, value, attention_mask, *args, clasp_rows: RowSpec | None = None, **kwargs):
@@ -154,15 +180,19 @@ def _make_backend(inner_name: str):
         if isinstance(clasp_rows, BatchRows):
             return _batched(clasp_attention, module, query, clasp_rows, args, kwargs)
         if clasp_rows is None:
-            if query.shape[2] == 1 and attention_mask is None and _kernel_attends(inner_name, query, key, kwargs):
-                # transformers' decoding step (its cache holds exactly the keys this query sees)
-                start = key.shape[2] - 1
-                return kernels.attention(query, key, value, start, 0, _scale(module, query, kwargs)), None
+            if _kernel_attends(inner_name, query, key, kwargs):
+                window = _hf_window(module, query, key, attention_mask)
+                if window is not None:  # transformers' prefill or decoding step
+                    start = key.shape[2] - query.shape[2]
+                    return kernels.attention(query, key, value, start, window, _scale(module, query, kwargs)), None
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         if clasp_rows.mode == "masked":
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         q = query.shape[2]
         window = clasp_rows.window
+        if _kernel_attends(inner_name, query, key, kwargs):
+            scale = _scale(module, query, kwargs)
+            return kernels.attention(query, key, value, clasp_rows.start, window or 0, scale), None
         if clasp_rows.start == 0 and q > 1:  # a prefill: one call, as transformers makes it
             if inner_name == "eager":  # the additive mask, exactly as transformers' eager mask
                 return inner(module, query, key[:, :, :q], value[:, :, :q], attention_mask, *args, **kwargs)
@@ -170,18 +200,6 @@ def _make_backend(inner_name: str):
                 return inner(module, query, key[:, :, :q], value[:, :, :q], None, *args, **kwargs)
             mask = attention_mask[:, :, :, :q] > -1 if attention_mask is not None else None
             return inner(module, query, key[:, :, :q], value[:, :, :q], mask, *args, **kwargs)
-        first = q
-        if window is not None:  # rows whose window is full: transformers passes a mask there, so not the kernel
-            first = min(q, max(0, window - clasp_rows.start - 1))
-        if first and _kernel_attends(inner_name, query, key, kwargs):
-            scale = _scale(module, query, kwargs)
-            head = kernels.attention(query[:, :, :first], key, value, clasp_rows.start, 0, scale)
-            if first == q:
-                return head, None
-            rest, _ = _rows(
-                inner, inner_name, module, query, key, value, attention_mask, clasp_rows, first, args, kwargs
-            )
-            return torch.cat([head, rest], dim=1), None
         return _rows(inner, inner_name, module, query, key, value, attention_mask, clasp_rows, 0, args, kwargs)
 
     clasp_attention.__name__ = f"clasp_{inner_name}"
@@ -463,9 +481,28 @@ def linear_kernels(model) -> str:
     return "; ".join(described) if described and kernels.available() else "torch's"
 
 
+def _kernel_attends_everything(model) -> bool:
+    """Whether every row of every call, prompts included, goes through the project's attention kernel
+    (and every linear layer through its row-invariant kernels): sdpa's plain attention on the CPU in bf16
+    or fp32, no logit soft-capping or attention sinks."""
+    cfg = model.config
+    p = next(model.parameters(), None)
+    return (
+        (cfg._attn_implementation or "") == "clasp_sdpa"
+        and p is not None
+        and p.device.type == "cpu"
+        and p.dtype in (torch.bfloat16, torch.float32)
+        and not getattr(cfg, "attn_logit_softcapping", None)
+        and getattr(model, "_clasp_linear_mode", ("",))[0] == "kernel"
+        and kernels.available()
+    )
+
+
 def install(model) -> NumericsReport:
     """Install both; warn once if greedy exactness cannot be guaranteed on this hardware."""
     report = NumericsReport(install_attention(model), *install_linear(model))
+    if _kernel_attends_everything(model):
+        report = dataclasses.replace(report, prompt_rowwise=True)
     if not report.exact and not getattr(model, "_clasp_warned", False):
         model._clasp_warned = True
         warnings.warn(

@@ -30,6 +30,9 @@ from .families import check_supported, model_parts
 from .kv_cache import BatchCache, KVCache
 from .numerics import BatchRows, RowSpec, Segment, install
 
+AS_GIVEN = RowSpec(0, "masked")
+"""How a runner that is not row-exact asks the attention wrapper for its own masks, as given."""
+
 
 def module_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: its ``accelerate`` execution device if dispatched, else its weights'."""
@@ -79,6 +82,7 @@ class ModelRunner:
         self.single_device = len({*self.layer_devices, self.embed_device, self.device}) == 1
         self.numerics = install(model)
         self.row_exact = self.numerics.attention_rowwise
+        self.wrapped_attention = self.numerics.attention_rowwise  # the project's attention wrapper is installed
 
     @property
     def model(self) -> nn.Module | None:
@@ -169,7 +173,8 @@ class ModelRunner:
         cache: KVCache,
         plan: RowSpec,
     ) -> torch.Tensor:
-        extra = {"clasp_rows": plan} if self.row_exact else {}
+        # Not row-exact (the graph runner's batched attention): the attention wrapper takes the mask as given.
+        extra = {"clasp_rows": plan if self.row_exact else AS_GIVEN} if self.wrapped_attention else {}
         out = layer(
             hidden,
             attention_mask=mask,

@@ -21,11 +21,22 @@ class ModelState:
     runner: ModelRunner
     learned: dict[Any, Any] = field(default_factory=dict)
 
+    PER_KIND = 8
+    """Values kept per kind of tuple key (``("controller", ...)``, ``("draft_head", ...)``: one per
+    configuration a client may ask for), least recently used out: a server's clients cannot grow them."""
+
     def remember(self, key: Any, make):
-        """The value stored under ``key``, made by ``make()`` on first use."""
-        if key not in self.learned:
-            self.learned[key] = make()
-        return self.learned[key]
+        """The value stored under ``key``, made by ``make()`` on first use (and kept most recently used)."""
+        if key in self.learned:
+            value = self.learned.pop(key)
+        else:
+            value = make()
+            if isinstance(key, tuple) and key:
+                same = [k for k in self.learned if isinstance(k, tuple) and k and k[0] == key[0]]
+                for old in same[: max(0, len(same) - self.PER_KIND + 1)]:
+                    del self.learned[old]
+        self.learned[key] = value
+        return value
 
 
 @dataclass

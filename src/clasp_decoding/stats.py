@@ -14,6 +14,7 @@ class GenerationStats:
     """
 
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose cache came from an earlier request (prefix reuse)
     new_tokens: int = 0
     steps: int = 0
     drafted: int = 0
@@ -51,6 +52,7 @@ class GenerationStats:
     def to_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens,
             "new_tokens": self.new_tokens,
             "steps": self.steps,
             "mean_accepted_tokens": round(self.mean_accepted_tokens, 4),

@@ -81,6 +81,7 @@ class FpMode {
 using Kernel = void (*)(const LinearArgs&, int64_t, int64_t);
 using XIsBf16 = bool (*)(WeightKind);
 using AttnKernel = void (*)(const AttnArgs&, int64_t, int64_t);
+using AttnPrepare = void (*)(const AttnArgs&, int64_t, int64_t);
 using TileKernel = void (*)(const TileArgs&, int64_t, int64_t);
 
 struct Isa {
@@ -88,6 +89,7 @@ struct Isa {
   Kernel kernel;
   XIsBf16 x_bf16;
   AttnKernel attention;
+  AttnPrepare attention_prepare;
   bool supported;
 };
 
@@ -115,16 +117,16 @@ std::vector<Isa> detect() {
   (void)avx2;
 #if CLASP_HAVE_AVX512BF16 && CLASP_HAVE_AVX512
   out.push_back({"avx512bf16", avx512bf16::linear, avx512bf16::x_is_bf16, avx512bf16::attention,
-                 avx512 && __builtin_cpu_supports("avx512bf16")});
+                 avx512bf16::attention_prepare, avx512 && __builtin_cpu_supports("avx512bf16")});
 #endif
 #if CLASP_HAVE_AVX512
-  out.push_back({"avx512", avx512::linear, avx512::x_is_bf16, avx512::attention, avx512});
+  out.push_back({"avx512", avx512::linear, avx512::x_is_bf16, avx512::attention, avx512::attention_prepare, avx512});
 #endif
 #if CLASP_HAVE_AVX2
-  out.push_back({"avx2", avx2::linear, avx2::x_is_bf16, avx2::attention, avx2});
+  out.push_back({"avx2", avx2::linear, avx2::x_is_bf16, avx2::attention, avx2::attention_prepare, avx2});
 #endif
 #endif
-  out.push_back({"scalar", scalar::linear, scalar::x_is_bf16, scalar::attention, true});
+  out.push_back({"scalar", scalar::linear, scalar::x_is_bf16, scalar::attention, scalar::attention_prepare, true});
   return out;
 }
 
@@ -374,9 +376,19 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   AttnArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), R, Hq, Hkv, S, D, Dv,
              q.stride(2), q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2), start, window,
              static_cast<float>(scale), q.scalar_type() == at::kBFloat16};
+  a.SP = (S + 15) / 16 * 16;
+  at::Tensor kt = at::empty({Hkv * D * a.SP + 64}, q.options().dtype(at::kFloat));  // + a vector past the end
+  at::Tensor vf = at::empty({Hkv * S * Dv}, q.options().dtype(at::kFloat));
+  a.kt = kt.data_ptr<float>();
+  a.vf = vf.data_ptr<float>();
+  AttnPrepare prepare = isa.attention_prepare;
+  at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {
+    FpMode mode(false);
+    prepare(a, h0, h1);
+  });
   AttnKernel kernel = isa.attention;
-  const int64_t tasks = R * Hq;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, S * (D + Dv)));
+  const int64_t tasks = ((R + ATTN_ROWS - 1) / ATTN_ROWS) * Hq;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, ATTN_ROWS * S * (D + Dv)));
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     FpMode mode(false);
     kernel(a, t0, t1);

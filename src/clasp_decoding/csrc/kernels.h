@@ -39,6 +39,12 @@ struct AttnArgs {
   int64_t window;       // > 0: a sliding window, lo_r = max(0, start + r + 1 - window); else lo_r = 0
   float scale;
   bool bf16;
+  // Filled by the dispatcher before the tasks run (attention_prepare): the keys widened to fp32 and
+  // transposed, kt [Hkv][D][SP] (SP = S rounded up to 16, zero-padded), and the values widened, vf
+  // [Hkv][S][Dv].
+  float* kt = nullptr;
+  float* vf = nullptr;
+  int64_t SP = 0;
 };
 
 // The tile kernels' arguments: a bf16 product with the weight packed in 1 KB tiles (tile_gemm.h).
@@ -68,13 +74,15 @@ void linear(const TileArgs& a, int64_t nb0, int64_t nb1);
 }
 #endif
 
-// linear computes output features [n0, n1) for all M rows; attention the (row, head) tasks [t0, t1)
-// (task t = r * Hq + h).
+// linear computes output features [n0, n1) for all M rows; attention the tasks [t0, t1), each a block of
+// ATTN_ROWS query rows of one head (task t = block * Hq + h).
+constexpr int64_t ATTN_ROWS = 8;
 #define CLASP_DECLARE_ISA(ns)                                        \
   namespace ns {                                                     \
   void linear(const LinearArgs& a, int64_t n0, int64_t n1);          \
   bool x_is_bf16(WeightKind kind);                                   \
   void attention(const AttnArgs& a, int64_t t0, int64_t t1);         \
+  void attention_prepare(const AttnArgs& a, int64_t h0, int64_t h1); \
   }
 CLASP_DECLARE_ISA(scalar)
 #if defined(__x86_64__)

@@ -96,6 +96,15 @@ struct AOps {  // attention: fp32 lanes
   static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static inline float reduce(V a) { return Base::reduce(a); }
   static inline void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static inline V floor(V a) { return _mm256_floor_ps(a); }
+  static inline V pow2(V n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  static inline V below(V x, V limit, V v) { return _mm256_and_ps(_mm256_cmp_ps(x, limit, _CMP_NLT_UQ), v); }
 };
 
 #include "kernels_impl.h"
@@ -103,6 +112,7 @@ struct AOps {  // attention: fp32 lanes
 bool x_is_bf16(WeightKind) { return false; }
 void linear(const LinearArgs& a, int64_t n0, int64_t n1) { linear_fp32_x<BF16, F32, I8, Base, Q4>(a, n0, n1); }
 void attention(const AttnArgs& a, int64_t t0, int64_t t1) { attend<AOps>(a, t0, t1); }
+void attention_prepare(const AttnArgs& a, int64_t h0, int64_t h1) { attend_prepare<AOps>(a, h0, h1); }
 
 }  // namespace avx2
 }  // namespace clasp

@@ -76,6 +76,7 @@ void linear(const LinearArgs& a, int64_t n0, int64_t n1) {
 
 
 void attention(const AttnArgs& a, int64_t t0, int64_t t1) { avx512::attention(a, t0, t1); }  // fp32 lanes
+void attention_prepare(const AttnArgs& a, int64_t h0, int64_t h1) { avx512::attention_prepare(a, h0, h1); }
 
 }  // namespace avx512bf16
 }  // namespace clasp

@@ -240,76 +240,265 @@ void run_i4(const LinearArgs& a, int64_t n0, int64_t n1) {
 
 // ----------------------------------------------------------------------------- attention
 //
-// One query row against its own keys, per head: scores = scale * (q . k_j) for the keys it sees (each a
-// dot product in fp32 lanes over D, then one lane reduction), softmax by the row's maximum with expf,
-// the values summed in fp32 lanes over Dv in key order, divided by the sum. Needs from the ISA
-//   struct AOps { using V; static constexpr int L; static V zero(); static V load(const float*);
-//                 static V widen(const uint16_t*); static V set1(float); static V fma(V a, V b, V c);
-//                 static float reduce(V); static void store(float*, V); };
+// Each query row against its own keys, per head, in a fixed sequence of operations that depends on the
+// row's own keys only (so a row's bits are the same alone, in a verification or in a whole prompt):
+//   1. scores s_j = scale * (q . k_j) for the keys it sees, each summed over d = 0..D-1 in order, one
+//      fused multiply-add after another (vector lanes run over keys: no lane ever mixes two keys);
+//   2. the row's maximum m (exact, whatever the order);
+//   3. e_j = exp(s_j - m) by exp_lanes (a fixed polynomial, element by element), summed in L lanes by
+//      (j - first key) mod L, then one lane reduction;
+//   4. out = (sum over keys, in key order, of e_j v_j, in fp32 lanes over Dv) / sum.
+// Keys and values are widened to fp32 once per call and kv head (the keys transposed, so that lanes can
+// run over keys): attention_prepare. Needs from the ISA
+//   struct AOps { using V; static constexpr int L; zero, load, widen (L bf16), set1, fma(a, b, c) = a b + c, add, sub,
+//                 mul, max, floor, pow2 (2^n of integral n in [-126, 127]), below (x < y ? 0 : v), reduce,
+//                 store; };
 
+// exp(x) for x <= 0 (a softmax's shifted scores): Cephes' range reduction and polynomial; below -87.3,
+// zero. Every lane is computed alone, so a value's result never depends on its neighbours.
 template <class A>
-CLASP_INLINE float attn_dot(const float* q, const void* k, int64_t D, bool bf16) {
-  typename A::V acc = A::zero();
-  int64_t d = 0;
-  for (; d + A::L <= D; d += A::L) {
-    typename A::V kv = bf16 ? A::widen(static_cast<const uint16_t*>(k) + d) : A::load(static_cast<const float*>(k) + d);
-    acc = A::fma(A::load(q + d), kv, acc);
-  }
-  float s = A::reduce(acc);
-  for (; d < D; d++)
-    s += q[d] * (bf16 ? from_bf16(static_cast<const uint16_t*>(k)[d]) : static_cast<const float*>(k)[d]);
-  return s;
+CLASP_INLINE typename A::V exp_lanes(typename A::V x) {
+  using V = typename A::V;
+  const V n = A::floor(A::fma(x, A::set1(1.44269504088896341f), A::set1(0.5f)));
+  V r = A::sub(x, A::mul(n, A::set1(0.693359375f)));
+  r = A::sub(r, A::mul(n, A::set1(-2.12194440e-4f)));
+  V y = A::set1(1.9875691500e-4f);
+  y = A::fma(y, r, A::set1(1.3981999507e-3f));
+  y = A::fma(y, r, A::set1(8.3334519073e-3f));
+  y = A::fma(y, r, A::set1(4.1665795894e-2f));
+  y = A::fma(y, r, A::set1(1.6666665459e-1f));
+  y = A::fma(y, r, A::set1(5.0000001201e-1f));
+  y = A::add(A::fma(y, A::mul(r, r), r), A::set1(1.0f));
+  return A::below(x, A::set1(-87.33654f), A::mul(y, A::pow2(A::max(n, A::set1(-126.0f)))));
 }
 
+inline float widen_one(const char* base, int64_t i, bool bf16) {
+  return bf16 ? from_bf16(reinterpret_cast<const uint16_t*>(base)[i]) : reinterpret_cast<const float*>(base)[i];
+}
+
+// A row of n bf16 (or fp32) values widened into fp32.
+template <class A>
+CLASP_INLINE void widen_row(const char* src, int64_t n, bool bf16, float* dst) {
+  if (!bf16) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+  int64_t d = 0;
+  for (; d + A::L <= n; d += A::L) A::store(dst + d, A::widen(h + d));
+  for (; d < n; d++) dst[d] = from_bf16(h[d]);
+}
+
+// kv heads [h0, h1): keys into kt (transposed), values into vf, both fp32.
+template <class A>
+void attend_prepare(const AttnArgs& a, int64_t h0, int64_t h1) {
+  const size_t esz = a.bf16 ? 2 : 4;
+  const char* K = static_cast<const char*>(a.k);
+  const char* Vv = static_cast<const char*>(a.v);
+  constexpr int64_t B = 16;  // keys per block, widened row by row, then written column by column
+  AlignedBuffer<float> block(B * a.D);
+  for (int64_t h = h0; h < h1; h++) {
+    float* kt = a.kt + h * a.D * a.SP;
+    float* vf = a.vf + h * a.S * a.Dv;
+    for (int64_t j0 = 0; j0 < a.SP; j0 += B) {
+      float* blk = block.get();
+      for (int64_t j = 0; j < B; j++) {
+        if (j0 + j < a.S)
+          widen_row<A>(K + (h * a.k_h + (j0 + j) * a.k_s) * esz, a.D, a.bf16, blk + j * a.D);
+        else
+          std::memset(blk + j * a.D, 0, a.D * sizeof(float));
+      }
+      for (int64_t d = 0; d < a.D; d++)
+        for (int64_t j = 0; j < B; j++) kt[d * a.SP + j0 + j] = blk[j * a.D + d];
+    }
+    for (int64_t j = 0; j < a.S; j++) widen_row<A>(Vv + (h * a.v_h + j * a.v_s) * esz, a.Dv, a.bf16, vf + j * a.Dv);
+  }
+}
+
+constexpr int ATTN_BLOCK = 4;  // rows sharing each load of a key or a value
+
+// Scores of keys [j, j + 2L) for B rows (qf rows D apart) into p (rows ldp apart, indexed by key): each
+// key's sum runs over d in order, so blocking rows or keys changes no score.
+template <class A, int B>
+CLASP_INLINE void scores2(const float* qf, int64_t D, const float* kt, int64_t SP, int64_t j, float scale, float* p,
+                          int64_t ldp) {
+  typename A::V s[B][2];
+  for (int i = 0; i < B; i++) s[i][0] = s[i][1] = A::zero();
+  for (int64_t d = 0; d < D; d++) {
+    const typename A::V k0 = A::load(kt + d * SP + j), k1 = A::load(kt + d * SP + j + A::L);
+#pragma GCC unroll 4
+    for (int i = 0; i < B; i++) {
+      const typename A::V q = A::set1(qf[i * D + d]);
+      s[i][0] = A::fma(q, k0, s[i][0]);
+      s[i][1] = A::fma(q, k1, s[i][1]);
+    }
+  }
+  const typename A::V sc = A::set1(scale);
+  for (int i = 0; i < B; i++) {
+    A::store(p + i * ldp + j, A::mul(s[i][0], sc));
+    A::store(p + i * ldp + j + A::L, A::mul(s[i][1], sc));
+  }
+}
+
+template <class A, int B>
+CLASP_INLINE void scores1(const float* qf, int64_t D, const float* kt, int64_t SP, int64_t j, float scale, float* p,
+                          int64_t ldp) {
+  typename A::V s[B];
+  for (int i = 0; i < B; i++) s[i] = A::zero();
+  for (int64_t d = 0; d < D; d++) {
+    const typename A::V k0 = A::load(kt + d * SP + j);
+    for (int i = 0; i < B; i++) s[i] = A::fma(A::set1(qf[i * D + d]), k0, s[i]);
+  }
+  for (int i = 0; i < B; i++) A::store(p + i * ldp + j, A::mul(s[i], A::set1(scale)));
+}
+
+// acc rows (B of them, ldp apart for p, Dv apart for acc) += p[i][k] * v[k] over keys [k0, k1) in order,
+// W vectors of values from column c.
+template <class A, int B, int W>
+CLASP_INLINE void values(const float* p, int64_t ldp, const float* vf, int64_t Dv, int64_t c, int64_t k0, int64_t k1,
+                         float* acc) {
+  typename A::V sum[B][W];
+  for (int i = 0; i < B; i++)
+    for (int w = 0; w < W; w++) sum[i][w] = A::load(acc + i * Dv + c + w * A::L);
+  for (int64_t k = k0; k < k1; k++) {
+    const float* row = vf + k * Dv + c;
+    typename A::V v[W];
+#pragma GCC unroll 8
+    for (int w = 0; w < W; w++) v[w] = A::load(row + w * A::L);
+#pragma GCC unroll 4
+    for (int i = 0; i < B; i++) {
+      const typename A::V e = A::set1(p[i * ldp + k]);
+#pragma GCC unroll 8
+      for (int w = 0; w < W; w++) sum[i][w] = A::fma(e, v[w], sum[i][w]);
+    }
+  }
+  for (int i = 0; i < B; i++)
+    for (int w = 0; w < W; w++) A::store(acc + i * Dv + c + w * A::L, sum[i][w]);
+}
+
+template <class A, int B, int W>
+CLASP_INLINE void values_w(int w, const float* p, int64_t ldp, const float* vf, int64_t Dv, int64_t c, int64_t k0,
+                           int64_t k1, float* acc) {
+  if constexpr (W >= 1) {
+    if (w == W)
+      values<A, B, W>(p, ldp, vf, Dv, c, k0, k1, acc);
+    else
+      values_w<A, B, W - 1>(w, p, ldp, vf, Dv, c, k0, k1, acc);
+  }
+}
+
+// All of Dv for B rows over keys [k0, k1): whole vectors in chunks held in registers, the rest one by one.
+template <class A, int B>
+void values_rows(const float* p, int64_t ldp, const float* vf, int64_t Dv, int64_t k0, int64_t k1, float* acc) {
+  constexpr int CH = B <= 2 ? 8 : 4;
+  const int64_t whole = Dv / A::L * A::L;
+  for (int64_t c = 0; c < whole; c += CH * A::L)
+    values_w<A, B, CH>(static_cast<int>(min64(CH, (whole - c) / A::L)), p, ldp, vf, Dv, c, k0, k1, acc);
+  for (int i = 0; i < B; i++)
+    for (int64_t c = whole; c < Dv; c++)
+      for (int64_t k = k0; k < k1; k++) acc[i * Dv + c] += p[i * ldp + k] * vf[k * Dv + c];
+}
+
+// One block of B rows (consecutive positions) of one head.
+template <class A, int B>
+void attend_block(const AttnArgs& a, const float* qf, const float* kt, const float* vf, const int64_t* lo,
+                  const int64_t* hi, float* p, int64_t ldp, float* acc, float* sums) {
+  using V = typename A::V;
+  int64_t first = lo[0], last = hi[0], common_lo = lo[0], common_hi = hi[0];
+  for (int i = 1; i < B; i++) {
+    first = lo[i] < first ? lo[i] : first;
+    last = hi[i] > last ? hi[i] : last;
+    common_lo = lo[i] > common_lo ? lo[i] : common_lo;
+    common_hi = hi[i] < common_hi ? hi[i] : common_hi;
+  }
+  // 1. scores of every key any of the rows sees (a row's unseen keys are computed and ignored)
+  int64_t j = first;
+  for (; j + 2 * A::L <= last; j += 2 * A::L) scores2<A, B>(qf, a.D, kt, a.SP, j, a.scale, p, ldp);
+  for (; j < last; j += A::L) scores1<A, B>(qf, a.D, kt, a.SP, j, a.scale, p, ldp);
+  for (int i = 0; i < B; i++) {  // 2, 3: each row's maximum, exponentials and their sum
+    float* row = p + i * ldp + lo[i];
+    const int64_t n = hi[i] - lo[i];
+    V mx = A::set1(-INFINITY);
+    int64_t k = 0;
+    for (; k + A::L <= n; k += A::L) mx = A::max(mx, A::load(row + k));
+    alignas(64) float lanes[64];
+    A::store(lanes, mx);
+    float m = -INFINITY;  // a maximum is exact in any order
+    for (int q = 0; q < A::L; q++) m = lanes[q] > m ? lanes[q] : m;
+    for (; k < n; k++) m = row[k] > m ? row[k] : m;
+    const V mv = A::set1(m);
+    V sum = A::zero();
+    k = 0;
+    for (; k + A::L <= n; k += A::L) {
+      const V e = exp_lanes<A>(A::sub(A::load(row + k), mv));
+      A::store(row + k, e);
+      sum = A::add(sum, e);
+    }
+    if (k < n) {  // the last few keys in a zero-padded vector (padding lanes are not added)
+      alignas(64) float tail[64] = {};
+      for (int64_t q = 0; q < n - k; q++) tail[q] = row[k + q] - m;
+      A::store(tail, exp_lanes<A>(A::load(tail)));
+      for (int64_t q = n - k; q < A::L; q++) tail[q] = 0.0f;
+      sum = A::add(sum, A::load(tail));
+      for (int64_t q = 0; q < n - k; q++) row[k + q] = tail[q];
+    }
+    sums[i] = A::reduce(sum);
+    for (int64_t c = 0; c < a.Dv; c++) acc[i * a.Dv + c] = 0.0f;
+  }
+  // 4. values in key order for every row: its own first keys, the keys all rows see, its own last keys
+  for (int i = 0; i < B; i++)
+    if (lo[i] < common_lo) values_rows<A, 1>(p + i * ldp, ldp, vf, a.Dv, lo[i], common_lo, acc + i * a.Dv);
+  if (common_lo < common_hi) values_rows<A, B>(p, ldp, vf, a.Dv, common_lo, common_hi, acc);
+  for (int i = 0; i < B; i++)
+    if (common_hi < hi[i]) values_rows<A, 1>(p + i * ldp, ldp, vf, a.Dv, common_hi, hi[i], acc + i * a.Dv);
+}
+
+template <class A, int B>
+CLASP_INLINE void attend_block_of(int b, const AttnArgs& a, const float* qf, const float* kt, const float* vf,
+                                  const int64_t* lo, const int64_t* hi, float* p, int64_t ldp, float* acc, float* sums) {
+  if constexpr (B >= 1) {
+    if (b == B)
+      attend_block<A, B>(a, qf, kt, vf, lo, hi, p, ldp, acc, sums);
+    else
+      attend_block_of<A, B - 1>(b, a, qf, kt, vf, lo, hi, p, ldp, acc, sums);
+  }
+}
+
+// Tasks are (block of ATTN_ROWS rows, query head): task t = block * Hq + head.
 template <class A>
 void attend(const AttnArgs& a, int64_t t0, int64_t t1) {
   const size_t esz = a.bf16 ? 2 : 4;
   const char* Q = static_cast<const char*>(a.q);
-  const char* K = static_cast<const char*>(a.k);
-  const char* Vv = static_cast<const char*>(a.v);
-  AlignedBuffer<float> qbuf(a.D), pbuf(a.S), abuf(a.Dv);
+  const int64_t ldp = a.SP + 2 * A::L;
+  AlignedBuffer<float> qbuf(ATTN_BLOCK * a.D), pbuf(ATTN_BLOCK * ldp), abuf(ATTN_BLOCK * a.Dv);
   float *qf = qbuf.get(), *p = pbuf.get(), *acc = abuf.get();
   const int64_t group = a.Hq / a.Hkv;
   for (int64_t t = t0; t < t1; t++) {
-    const int64_t r = t / a.Hq, h = t % a.Hq, kvh = h / group;
-    const int64_t hi = a.start + r + 1;
-    const int64_t lo = a.window > 0 && hi > a.window ? hi - a.window : 0;
-    const char* qrow = Q + (r * a.q_r + h * a.q_h) * esz;
-    for (int64_t d = 0; d < a.D; d++)
-      qf[d] = a.bf16 ? from_bf16(reinterpret_cast<const uint16_t*>(qrow)[d]) : reinterpret_cast<const float*>(qrow)[d];
-    float m = -INFINITY;
-    for (int64_t j = lo; j < hi; j++) {
-      const float s = attn_dot<A>(qf, K + (kvh * a.k_h + j * a.k_s) * esz, a.D, a.bf16) * a.scale;
-      p[j - lo] = s;
-      m = s > m ? s : m;
-    }
-    float sum = 0.0f;
-    for (int64_t j = lo; j < hi; j++) {
-      const float e = expf(p[j - lo] - m);
-      p[j - lo] = e;
-      sum += e;
-    }
-    for (int64_t d = 0; d < a.Dv; d++) acc[d] = 0.0f;
-    for (int64_t j = lo; j < hi; j++) {
-      const char* vrow = Vv + (kvh * a.v_h + j * a.v_s) * esz;
-      const typename A::V w = A::set1(p[j - lo]);
-      int64_t d = 0;
-      for (; d + A::L <= a.Dv; d += A::L) {
-        typename A::V vv = a.bf16 ? A::widen(reinterpret_cast<const uint16_t*>(vrow) + d)
-                                  : A::load(reinterpret_cast<const float*>(vrow) + d);
-        A::store(acc + d, A::fma(w, vv, A::load(acc + d)));
+    const int64_t h = t % a.Hq, kvh = h / group;
+    const float* kt = a.kt + kvh * a.D * a.SP;
+    const float* vf = a.vf + kvh * a.S * a.Dv;
+    const int64_t end = min64(a.R, (t / a.Hq + 1) * ATTN_ROWS);
+    for (int64_t r0 = (t / a.Hq) * ATTN_ROWS; r0 < end; r0 += ATTN_BLOCK) {
+      const int b = static_cast<int>(min64(ATTN_BLOCK, end - r0));
+      int64_t lo[ATTN_BLOCK], hi[ATTN_BLOCK];
+      float sums[ATTN_BLOCK];
+      for (int i = 0; i < b; i++) {
+        hi[i] = a.start + r0 + i + 1;
+        lo[i] = a.window > 0 && hi[i] > a.window ? hi[i] - a.window : 0;
+        const char* qrow = Q + ((r0 + i) * a.q_r + h * a.q_h) * esz;
+        for (int64_t d = 0; d < a.D; d++) qf[i * a.D + d] = widen_one(qrow, d, a.bf16);
       }
-      for (; d < a.Dv; d++)
-        acc[d] += p[j - lo] * (a.bf16 ? from_bf16(reinterpret_cast<const uint16_t*>(vrow)[d])
-                                      : reinterpret_cast<const float*>(vrow)[d]);
-    }
-    const int64_t o = (r * a.Hq + h) * a.Dv;
-    for (int64_t d = 0; d < a.Dv; d++) {
-      const float y = acc[d] / sum;
-      if (a.bf16)
-        static_cast<uint16_t*>(a.out)[o + d] = to_bf16(y);
-      else
-        static_cast<float*>(a.out)[o + d] = y;
+      attend_block_of<A, ATTN_BLOCK>(b, a, qf, kt, vf, lo, hi, p, ldp, acc, sums);
+      for (int i = 0; i < b; i++) {
+        const int64_t o = ((r0 + i) * a.Hq + h) * a.Dv;
+        for (int64_t c = 0; c < a.Dv; c++) {
+          const float y = acc[i * a.Dv + c] / sums[i];
+          if (a.bf16)
+            static_cast<uint16_t*>(a.out)[o + c] = to_bf16(y);
+          else
+            static_cast<float*>(a.out)[o + c] = y;
+        }
+      }
     }
   }
 }

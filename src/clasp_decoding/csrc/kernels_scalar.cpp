@@ -65,6 +65,18 @@ struct AOps {  // attention: one lane
   static inline V fma(V a, V b, V c) { return a * b + c; }  // built without fp contraction
   static inline float reduce(V a) { return a; }
   static inline void store(float* p, V a) { *p = a; }
+  static inline V add(V a, V b) { return a + b; }
+  static inline V sub(V a, V b) { return a - b; }
+  static inline V mul(V a, V b) { return a * b; }
+  static inline V max(V a, V b) { return a > b ? a : b; }
+  static inline V floor(V a) { return std::floor(a); }
+  static inline V pow2(V n) {
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static inline V below(V x, V limit, V v) { return x < limit ? 0.0f : v; }
 };
 
 #include "kernels_impl.h"
@@ -72,6 +84,7 @@ struct AOps {  // attention: one lane
 bool x_is_bf16(WeightKind) { return false; }
 void linear(const LinearArgs& a, int64_t n0, int64_t n1) { linear_fp32_x<BF16, F32, I8, Base, Q4>(a, n0, n1); }
 void attention(const AttnArgs& a, int64_t t0, int64_t t1) { attend<AOps>(a, t0, t1); }
+void attention_prepare(const AttnArgs& a, int64_t h0, int64_t h1) { attend_prepare<AOps>(a, h0, h1); }
 
 }  // namespace scalar
 }  // namespace clasp

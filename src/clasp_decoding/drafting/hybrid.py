@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..costs import measure
+from ..costs import remembered
 from ..layer_select import every_other_middle
 from .base import Draft, Drafter, Outcome, Selection, Source
 from .controller import Controller, ControllerState
@@ -82,7 +82,7 @@ class HybridDrafter(Drafter):
     def warm_up(self, model: ModelState, config: GenerationConfig) -> None:
         """Measure this model's step and verification costs once (the controller starts from them)."""
         runner = model.runner
-        model.remember("costs", lambda: measure(runner, num_skip=config.num_skipped(runner.num_layers)))
+        model.remember("costs", lambda: remembered(runner, num_skip=config.num_skipped(runner.num_layers)))
         self.skip.warm_up(model, config)
 
     def start(self, state: DecodeState, prompt_hidden: torch.Tensor | None) -> Selection | None:

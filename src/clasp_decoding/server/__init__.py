@@ -36,8 +36,9 @@ def serve(
     insecure_no_auth: bool = False,
     log_level: str = "info",
 ) -> None:
-    """Load the model and run uvicorn until interrupted (queued and running requests are cancelled on
-    shutdown, which takes at most a few seconds)."""
+    """Load the model and run uvicorn until SIGTERM or SIGINT, then drain: new requests get 503
+    ``shutting_down``, those in flight get ``settings.drain_timeout`` seconds to finish, the rest an
+    OpenAI error (in a stream: an error event, then ``[DONE]``). A second signal stops at once."""
     import uvicorn
 
     from ..models import load
@@ -46,4 +47,29 @@ def serve(
     settings.check_host = is_loopback(host)
     model, tokenizer = load(model_name, dtype=dtype, device=device)
     app = create_app(model, tokenizer, model_name, settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    install_drain(server, app)
+    server.run()
+
+
+def install_drain(server, app) -> None:
+    """Make ``server`` (a ``uvicorn.Server``) drain ``app`` on its first exit signal and exit when that is
+    done; a second signal exits at once."""
+    import threading
+
+    exit_now = server.handle_exit
+    started: list = []
+
+    def handle_exit(sig, frame) -> None:
+        if started:
+            return exit_now(sig, frame)
+        started.append(sig)
+        watcher = app.state.drain()
+
+        def exit_when_drained() -> None:
+            watcher.join()
+            exit_now(sig, frame)
+
+        threading.Thread(target=exit_when_drained, name="clasp-exit", daemon=True).start()
+
+    server.handle_exit = handle_exit

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import GenerationConfig
 from ..context import runner_for
-from ..decoding import GenerationResult
+from ..decoding import Chunk, GenerationResult
 from ..engine import Engine
 from ..errors import ConfigError, InputError
 from ..text import encode_prompt
@@ -46,12 +47,20 @@ class ServerSettings:
     max_queue: int = 64
     request_timeout: float = 300.0
     default_max_tokens: int = 256
-    api_key: str | None = None
+    api_key: str | None = None  # one key, or several separated by commas (each user their own)
     check_host: bool = True  # bound to loopback: answer only requests addressed to loopback names
     max_body_bytes: int = 4 << 20
     limits: Limits = field(default_factory=Limits)
     max_batch: int | None = None  # requests generated together (None: chosen by measurement)
     kv_pool_tokens: int | None = None  # cache slots the running requests share (None: max_batch x context)
+    prefill_chunk: int | None = None  # prompt tokens per pass while others decode (None: from measured costs)
+    prefix_cache: str = "key"  # reuse of earlier requests' caches: within one API key ("key"), "shared", "off"
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM / SIGINT
+    max_reading: int = 16  # request bodies read at once (more wait; more than max_queue waiting: 429)
+    body_timeout: float = 30.0  # seconds a client may take to send its body (408 beyond)
+
+    def api_keys(self) -> list[str]:
+        return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
 
 
 class RequestChecker:
@@ -64,14 +73,19 @@ class RequestChecker:
 
     def chat(self, raw: bytes, arrived: float) -> Prepared:
         body = parse_body(_json(raw), ChatBody)
-        if body.top_logprobs:
-            raise APIError(400, "logprobs are not supported.", "top_logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs")
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise APIError(400, "logprobs must be true or false for chat completions.", "logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         if not any(m["content"].strip() for m in messages):
             raise APIError(400, "messages hold no text.", "messages")
         prompt_ids = self._encode(messages, "messages")
         tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        cfg = self.config(body, len(prompt_ids), self.settings.default_max_tokens, tokens)
+        top = body.top_logprobs or 0
+        cfg = self.config(
+            body, len(prompt_ids), self.settings.default_max_tokens, tokens, top if body.logprobs else None
+        )
         return self._prepared(CHAT, prompt_ids, cfg, body, arrived)
 
     def completion(self, raw: bytes, arrived: float) -> Prepared:
@@ -87,7 +101,9 @@ class RequestChecker:
         prompt_ids = self._encode(prompt, "prompt", raw=True)
         if any(not 0 <= t < self.runner.vocab_size for t in prompt_ids):
             raise APIError(400, f"prompt token ids must be in 0..{self.runner.vocab_size - 1}.", "prompt")
-        cfg = self.config(body, len(prompt_ids), 16, body.max_tokens)
+        if isinstance(body.logprobs, bool):
+            raise APIError(400, "logprobs must be an integer (alternatives per token) for completions.", "logprobs")
+        cfg = self.config(body, len(prompt_ids), 16, body.max_tokens, body.logprobs)
         return self._prepared(COMPLETIONS, prompt_ids, cfg, body, arrived)
 
     def _encode(self, prompt, param: str, raw: bool = False) -> list[int]:
@@ -109,10 +125,17 @@ class RequestChecker:
         include = bool((body.stream_options or {}).get("include_usage"))
         return Prepared(endpoint, prompt_ids, cfg, body.stream, include, arrived)
 
-    def config(self, body, prompt_len: int, default_tokens: int, max_tokens: int | None) -> GenerationConfig:
+    def config(
+        self, body, prompt_len: int, default_tokens: int, max_tokens: int | None, logprobs: int | None = None
+    ) -> GenerationConfig:
         """The generation settings a request asks for, each checked against the server's bounds."""
         self._check_request(body)
         changes: dict[str, Any] = {"max_new_tokens": self._max_tokens(prompt_len, default_tokens, max_tokens)}
+        if logprobs is not None:
+            top = self.settings.limits.max_top_logprobs
+            if not 0 <= logprobs <= top:
+                raise APIError(400, f"top_logprobs / logprobs must be in [0, {top}], got {logprobs}.", "top_logprobs")
+            changes["logprobs"] = logprobs
         changes["stop"] = self._stops(body.stop)
         for name in ("temperature", "top_p", "top_k"):
             if getattr(body, name) is not None:
@@ -146,8 +169,6 @@ class RequestChecker:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name) not in (None, 0, 0.0):
                 raise APIError(400, f"{name} is not supported (it would change the model's distribution).", name)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported.", "logprobs")
         if body.temperature is not None and not 0 <= body.temperature <= 2:
             raise APIError(400, f"temperature must be between 0 and 2, got {body.temperature}.", "temperature")
         if body.top_p is not None and not 0 < body.top_p <= 1:
@@ -197,6 +218,8 @@ def _json(raw: bytes) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise APIError(400, "The request body is not valid JSON.") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise APIError(400, f"The request body holds a value that cannot be read: {e}.") from None
 
 
 def stats_field(result: GenerationResult) -> dict:
@@ -220,20 +243,25 @@ def usage(result: GenerationResult) -> dict:
 
 def create_app(model, tokenizer, model_name: str, settings: ServerSettings | None = None, **kwargs) -> FastAPI:
     """The FastAPI app serving ``model`` under ``model_name`` (``kwargs`` set fields of
-    :class:`ServerSettings`)."""
+    :class:`ServerSettings`). ``app.state.drain()`` starts a graceful drain (``clasp serve`` calls it on
+    SIGTERM and SIGINT)."""
     settings = settings or ServerSettings(**kwargs)
+    if settings.prefix_cache not in ("key", "shared", "off"):
+        raise ValueError(f"prefix_cache must be 'key', 'shared' or 'off', got {settings.prefix_cache!r}")
     engine = Engine(
         model,
         tokenizer,
         max_queue=settings.max_queue,
         max_batch=settings.max_batch,
         pool_tokens=settings.kv_pool_tokens,
+        prefill_chunk=settings.prefill_chunk,
+        prefix_cache=settings.prefix_cache != "off",
     )
     metrics = Metrics(engine)
     checker = RequestChecker(model, tokenizer, model_name, settings)
-    dispatcher = Dispatcher(engine, metrics, settings.request_timeout, settings.max_queue)
+    dispatcher = Dispatcher(engine, metrics, settings.request_timeout, settings.max_queue, tokenizer)
     prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clasp-prep")
-    prep_slots = asyncio.Semaphore(settings.max_queue)
+    intake = Intake(settings, prep)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -241,25 +269,82 @@ def create_app(model, tokenizer, model_name: str, settings: ServerSettings | Non
         engine.close()
         prep.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="clasp-decoding", version="0.2.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="clasp-decoding", version="0.3.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
+    app.state.drain = lambda: drain(engine, settings.drain_timeout)
     app.add_middleware(
         Guard,
-        api_key=settings.api_key,
+        api_keys=settings.api_keys(),
         check_host=settings.check_host,
         on_refuse=lambda path, status: metrics.count(path, status),
+        draining=lambda: engine.draining,
     )
-    _routes(app, model_name, settings, metrics, checker, dispatcher, prep, prep_slots, engine)
+    _routes(app, model_name, metrics, checker, dispatcher, intake, engine)
     return app
 
 
-def _routes(app, model_name, settings, metrics, checker, dispatcher, prep, prep_slots, engine) -> None:
+class Intake:
+    """Reading and preparing request bodies, with back-pressure before a body is read: at most
+    ``max_reading`` bodies read at once (each within ``body_timeout``, else 408), at most ``max_queue``
+    requests waiting to be read or prepared (beyond: 429); parsing, templating and tokenizing happen on
+    one preparation thread, off the event loop."""
+
+    def __init__(self, settings: ServerSettings, prep: ThreadPoolExecutor) -> None:
+        self.settings, self.prep = settings, prep
+        self.reading = asyncio.Semaphore(settings.max_reading)
+        self.preparing = asyncio.Semaphore(settings.max_queue)
+        self.waiting = 0
+
+    async def __call__(self, request: Request, check) -> Prepared:
+        arrived = time.monotonic()
+        st = self.settings
+        if self.waiting >= st.max_queue:
+            raise APIError(
+                429,
+                "The server is busy reading and preparing other requests. Retry later.",
+                type_="rate_limit_error",
+                code="queue_full",
+                retry_after=1,
+            )
+        self.waiting += 1
+        try:
+            async with self.reading:
+                try:
+                    raw = await asyncio.wait_for(read_body(request, st.max_body_bytes), st.body_timeout)
+                except asyncio.TimeoutError:
+                    raise APIError(408, f"The request body did not arrive within {st.body_timeout:g} s.") from None
+            async with self.preparing:
+                p = await asyncio.get_running_loop().run_in_executor(self.prep, check, raw, arrived)
+        finally:
+            self.waiting -= 1
+        p.scope = _scope(request, st.prefix_cache)
+        return p
+
+
+def drain(engine: Engine, timeout: float) -> threading.Thread:
+    """Refuse new requests (503 ``shutting_down``), give the queued and running ones ``timeout`` seconds to
+    finish, then end the rest with a ``shutdown`` error (an error event and ``[DONE]`` in a stream).
+    Returns the thread that watches it (done when the engine is closed)."""
+    engine.drain()
+    deadline = time.monotonic() + timeout
+
+    def watch() -> None:
+        while time.monotonic() < deadline and not engine.idle():
+            time.sleep(0.05)
+        engine.close()
+
+    thread = threading.Thread(target=watch, name="clasp-drain", daemon=True)
+    thread.start()
+    return thread
+
+
+def _routes(app, model_name, metrics, checker, dispatcher, intake, engine) -> None:
     created = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         metrics.count(request.url.path, exc.status)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -276,14 +361,20 @@ def _routes(app, model_name, settings, metrics, checker, dispatcher, prep, prep_
 
     @app.get("/health")
     async def health():
-        metrics.count("/health", 200)
-        return {
-            "status": "ok",
+        alive = engine.alive and engine.worker_error is None
+        status = "down" if not alive else "draining" if engine.draining else "ok"
+        code = 200 if status == "ok" else 503
+        metrics.count("/health", code)
+        body = {
+            "status": status,
             "model": model_name,
+            "worker": {"alive": alive, "seconds_since_heartbeat": round(time.monotonic() - engine.heartbeat, 3)},
             "queue_length": engine.queue_length(),
             "running": engine.running,
             "max_batch": engine.max_batch,
+            "pool": engine.pool_state(),
         }
+        return JSONResponse(body, status_code=code, headers={"retry-after": "30"} if code == 503 else None)
 
     @app.get("/metrics")
     async def prometheus():
@@ -296,32 +387,29 @@ def _routes(app, model_name, settings, metrics, checker, dispatcher, prep, prep_
         data = [{"id": model_name, "object": "model", "created": created, "owned_by": "clasp-decoding"}]
         return {"object": "list", "data": data}
 
-    async def prepared(request: Request, check) -> Prepared:
-        arrived = time.monotonic()
-        raw = await read_body(request, settings.max_body_bytes)
-        if prep_slots.locked():
-            raise APIError(
-                429,
-                "The server is busy preparing other requests. Retry later.",
-                type_="rate_limit_error",
-                code="queue_full",
-            )
-        async with prep_slots:
-            return await asyncio.get_running_loop().run_in_executor(prep, check, raw, arrived)
-
     async def disconnected(request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     @app.post(CHAT)
     async def chat(request: Request):
-        p = await prepared(request, checker.chat)
+        p = await intake(request, checker.chat)
         return await _answer(request, p, dispatcher, metrics, model_name, disconnected, chat=True)
 
     @app.post(COMPLETIONS)
     async def completions(request: Request):
-        p = await prepared(request, checker.completion)
+        p = await intake(request, checker.completion)
         return await _answer(request, p, dispatcher, metrics, model_name, disconnected, chat=False)
+
+
+def _scope(request: Request, mode: str):
+    """Whose cached prefixes a request may reuse: its API key's (by index: keys are never kept), everyone's,
+    or nobody's."""
+    if mode == "shared":
+        return "shared"
+    if mode == "off":
+        return object()  # matches nothing
+    return ("key", request.scope.get("clasp_key"))
 
 
 async def _answer(
@@ -331,30 +419,37 @@ async def _answer(
     job = dispatcher.submit(p)
     prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
     head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
+    logprobs = p.config.logprobs is not None
     if not p.stream:
         result = await dispatcher.collect(job, lambda: disconnected(request))
         metrics.finished(p.endpoint, result, p.arrived)
+        lp = dispatcher.logprobs(result.logprobs, chat) if logprobs else None
         if chat:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text},
+                "logprobs": lp,
                 "finish_reason": result.finish_reason,
             }
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            choice = {"index": 0, "text": result.text, "logprobs": lp, "finish_reason": result.finish_reason}
         return {**head, "object": kind, "choices": [choice], "usage": usage(result), "clasp": stats_field(result)}
     obj = f"{kind}.chunk" if chat else kind
 
-    def chunk(piece, role=False):
+    def chunk(piece: Chunk | None, role=False):
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else {"content": piece}
-            return {**head, "object": obj, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            delta = {"role": "assistant", "content": ""} if role else {"content": piece.text}
+            out = {"index": 0, "delta": delta, "finish_reason": None}
+            if logprobs and not role:
+                out["logprobs"] = dispatcher.logprobs(piece.logprobs, chat)
+            return {**head, "object": obj, "choices": [out]}
         if role:
             return None
+        lp = dispatcher.logprobs(piece.logprobs, chat) if logprobs else None
         return {
             **head,
             "object": obj,
-            "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}],
+            "choices": [{"index": 0, "text": piece.text, "logprobs": lp, "finish_reason": None}],
         }
 
     def final(result):

@@ -27,12 +27,22 @@ class APIError(Exception):
         param: str | None = None,
         type_: str = "invalid_request_error",
         code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str] | None:
+        """``Retry-After`` on answers that say to come back later."""
+        return {"retry-after": str(self.retry_after)} if self.retry_after is not None else None
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", type_="server_error", code="shutting_down", retry_after=30)
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -162,6 +172,10 @@ class Limits:
     max_lookup_tokens: int = 64
     max_layer_opt_interval: int = 4096
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(METHODS))
+    draft_vocabs: tuple[int, ...] = (0, 8192, 32768)
+    """The draft-vocabulary sizes a request may ask for (each builds and keeps a draft head, so the
+    server chooses the set; 0 = the whole vocabulary)."""
+    max_top_logprobs: int = 20
 
 
 INT64 = 1 << 63
@@ -202,7 +216,9 @@ def engine_options(options: dict[str, Any], limits: Limits, num_layers: int, voc
         "draft_exit_threshold": lambda n: number(n, 0, 1),
         "max_draft_tokens": lambda n: integer(n, 1, limits.max_draft_tokens),
         "layer_opt_interval": lambda n: integer(n, 1, limits.max_layer_opt_interval),
-        "draft_vocab": lambda n: integer(n, 0, vocab_size),
+        "draft_vocab": lambda n: _choice(
+            options[n], limits.draft_vocabs, bad(n, f"must be one of {', '.join(map(str, limits.draft_vocabs))}")
+        ),
         "draft_quant": lambda n: _choice(options[n], QUANT_KINDS, bad(n, f"must be one of {', '.join(QUANT_KINDS)}")),
         "lookup_min_ngram": lambda n: integer(n, 1, limits.max_lookup_ngram),
         "lookup_max_ngram": lambda n: integer(n, 1, limits.max_lookup_ngram),

@@ -1,7 +1,10 @@
 """Who may talk to the server: the API key, the Host check, the body size limit.
 
-- **API key.** With a key set, every ``/v1/*`` route and ``/metrics`` require ``Authorization: Bearer
-  KEY`` (compared in constant time); ``/health`` stays public.
+- **API keys.** With keys set, every ``/v1/*`` route and ``/metrics`` require ``Authorization: Bearer
+  KEY`` with one of them (compared in constant time); ``/health`` stays public. The index of the key a
+  request used is kept in its ASGI scope (``clasp_key``): cached prefixes are reused within one key.
+- **Draining.** While the server drains, new ``/v1/*`` requests get 503 ``shutting_down`` with
+  ``Retry-After``, before their body is read.
 - **Host check.** A server bound to loopback answers only requests addressed to a loopback name, so a
   web page cannot reach it through DNS rebinding (its requests carry the attacker's host name).
 - **Body limit.** A request body larger than the limit is refused with 413 before it is read whole.
@@ -13,7 +16,7 @@ import hmac
 import ipaddress
 import json
 
-from .protocol import APIError
+from .protocol import APIError, shutting_down
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
@@ -40,11 +43,12 @@ def host_name(header: str) -> str:
 class Guard:
     """A pure ASGI middleware that refuses requests before they reach a route (no body is read)."""
 
-    def __init__(self, app, *, api_key: str | None, check_host: bool, on_refuse=None) -> None:
+    def __init__(self, app, *, api_keys: list[str], check_host: bool, on_refuse=None, draining=None) -> None:
         self.app = app
-        self.key = api_key.encode() if api_key else None
+        self.keys = [k.encode() for k in api_keys]
         self.check_host = check_host
         self.on_refuse = on_refuse  # called with (path, status) for each refused request
+        self.draining = draining or (lambda: False)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -57,6 +61,8 @@ class Guard:
         headers = [(b"content-type", b"application/json")]
         if error.status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
+        for name, value in (error.headers() or {}).items():
+            headers.append((name.encode(), value.encode()))
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": json.dumps(error.body()).encode()})
 
@@ -72,16 +78,22 @@ class Guard:
                     code="misdirected_request",
                 )
         path = scope.get("path", "")
-        if self.key is not None and (path.startswith("/v1/") or path == "/v1" or path == "/metrics"):
+        guarded = path.startswith("/v1/") or path == "/v1" or path == "/metrics"
+        if self.keys and guarded:
             given = headers.get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            token = token.strip()
+            matches = [hmac.compare_digest(token, k) for k in self.keys]  # every key compared: no timing hint
+            if scheme.lower() != b"bearer" or not any(matches):
                 return APIError(
                     401,
                     "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
                     type_="invalid_request_error",
                     code="invalid_api_key",
                 )
+            scope["clasp_key"] = matches.index(True)
+        if self.draining() and scope.get("method") == "POST" and path.startswith("/v1/"):
+            return shutting_down()
         return None
 
 

@@ -14,10 +14,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..config import GenerationConfig
-from ..decoding import GenerationResult
+from ..decoding import GenerationResult, TokenLogprob
 from ..engine import Engine, EngineClosed, Job, QueueFull
 from ..errors import ClaspError, ConfigError, InputError, RunnerBusyError
-from .protocol import APIError
+from .protocol import APIError, shutting_down
 
 log = logging.getLogger("clasp_decoding.server")
 
@@ -48,8 +48,31 @@ class Metrics:
         self.queue.set_function(engine.queue_length)
         self.running = Gauge("clasp_running_requests", "Requests being generated", registry=r)
         self.running.set_function(lambda: float(engine.running))
-        self.pool = Gauge("clasp_kv_pool_used_slots", "Cache slots held by running requests", registry=r)
+        self.pool = Gauge(
+            "clasp_kv_pool_used_slots", "Cache slots held (running requests and kept prefixes)", registry=r
+        )
         self.pool.set_function(lambda: float(engine.batch.pool.used))
+        self.pool_capacity = Gauge("clasp_kv_pool_capacity_slots", "Cache slots the pool holds in all", registry=r)
+        self.pool_capacity.set_function(lambda: float(engine.batch.pool.slots))
+        self.prefix_slots = Gauge("clasp_prefix_cache_slots", "Cache slots held by kept prefixes", registry=r)
+        self.prefix_slots.set_function(lambda: float(engine.prefix.slots))
+        self.prefix_hits = Gauge("clasp_prefix_cache_hits", "Requests that reused a kept prefix", registry=r)
+        self.prefix_hits.set_function(lambda: float(engine.prefix.hits))
+        self.prompt_tokens = Gauge("clasp_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.prompt_tokens.set_function(lambda: float(engine.stats.prompt_tokens))
+        self.reused_tokens = Gauge("clasp_prompt_tokens_reused", "Prompt tokens whose cache was reused", registry=r)
+        self.reused_tokens.set_function(lambda: float(engine.stats.reused_tokens))
+        self.preemptions = Gauge("clasp_preemptions", "Requests preempted for cache room (recomputed)", registry=r)
+        self.preemptions.set_function(lambda: float(engine.batch.preemptions))
+        fast = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("clasp_time_to_first_token_seconds", "Arrival to first token", registry=r, buckets=fast)
+        self.itl = Histogram(
+            "clasp_inter_token_latency_seconds",
+            "Time between streamed tokens (a round's gap over its tokens)",
+            registry=r,
+            buckets=fast,
+        )
+        self.queue_time = Histogram("clasp_queue_time_seconds", "Arrival to admission", registry=r, buckets=fast)
 
     def count(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint if endpoint in ENDPOINTS else "other", str(status)).inc()
@@ -66,7 +89,7 @@ class Metrics:
 
 @dataclass
 class Prepared:
-    """A checked request, ready to queue."""
+    """A checked request, ready to queue (``scope``: whose cached prefixes it may reuse)."""
 
     endpoint: str
     prompt_ids: list[int]
@@ -74,6 +97,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     arrived: float
+    scope: object = None
 
 
 def generation_error(e: BaseException) -> APIError:
@@ -92,13 +116,15 @@ def generation_error(e: BaseException) -> APIError:
 
 
 class Dispatcher:
-    """Queues prepared requests on the engine and waits for their results or events."""
+    """Queues prepared requests on the engine and waits for their results or events (timing them)."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, timeout: float, max_queue: int) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, timeout: float, max_queue: int, tokenizer=None) -> None:
         self.engine, self.metrics, self.timeout, self.max_queue = engine, metrics, timeout, max_queue
+        self.tokenizer = tokenizer
 
     def submit(self, p: Prepared) -> Job:
-        job = Job(p.prompt_ids, p.config, asyncio.get_running_loop(), deadline=p.arrived + self.timeout)
+        job = Job(p.prompt_ids, p.config, asyncio.get_running_loop(), deadline=p.arrived + self.timeout, scope=p.scope)
+        job.timing = {"arrived": p.arrived, "last": None}
         try:
             self.engine.submit(job)
         except QueueFull:
@@ -107,10 +133,59 @@ class Dispatcher:
                 f"The server is busy: {self.max_queue} requests are already waiting. Retry later.",
                 type_="rate_limit_error",
                 code="queue_full",
+                retry_after=1,
             ) from None
         except EngineClosed:
-            raise APIError(503, "The server is shutting down.", type_="server_error", code="shutting_down") from None
+            raise shutting_down() from None
         return job
+
+    def _timed(self, job: Job, kind: str, payload) -> None:
+        """Time to first token, inter-token latency and queue time, from the job's events."""
+        t, now = job.timing, time.monotonic()
+        if kind == "started":
+            self.metrics.queue_time.observe(payload["queued"])
+        elif kind == "delta":
+            if t["last"] is None:
+                self.metrics.ttft.observe(now - t["arrived"])
+            else:
+                gap = (now - t["last"]) / max(1, len(payload.token_ids))
+                for _ in payload.token_ids:
+                    self.metrics.itl.observe(gap)
+            t["last"] = now
+
+    def logprobs(self, items: list[TokenLogprob] | None, chat: bool) -> dict | None:
+        """OpenAI's logprobs object for these tokens: chat's ``content`` list, or the completions API's
+        parallel lists."""
+        if items is None:
+            return None
+
+        def text(token_id: int) -> str:
+            return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
+        if chat:
+            return {
+                "content": [
+                    {
+                        "token": text(i.token_id),
+                        "logprob": i.logprob,
+                        "bytes": list(text(i.token_id).encode("utf-8")),
+                        "top_logprobs": [
+                            {"token": text(t), "logprob": v, "bytes": list(text(t).encode("utf-8"))} for t, v in i.top
+                        ],
+                    }
+                    for i in items
+                ]
+            }
+        offsets, at = [], 0
+        for i in items:
+            offsets.append(at)
+            at += len(text(i.token_id))
+        return {
+            "tokens": [text(i.token_id) for i in items],
+            "token_logprobs": [i.logprob for i in items],
+            "top_logprobs": [{text(t): v for t, v in i.top} for i in items] if items and items[0].top else None,
+            "text_offset": offsets,
+        }
 
     def _timed_out(self) -> APIError:
         return APIError(504, f"The request did not finish within {self.timeout:g} s.", type_="timeout", code="timeout")
@@ -121,12 +196,17 @@ class Dispatcher:
         remaining = job.deadline - time.monotonic()
         if remaining <= 0:
             return "timeout", None
-        get = asyncio.ensure_future(job.events.get())
-        done, _ = await asyncio.wait({get, *waiters}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        if get in done:
-            return get.result()
-        get.cancel()
-        return ("left", None) if done else ("timeout", None)
+        while True:
+            get = asyncio.ensure_future(job.events.get())
+            done, _ = await asyncio.wait({get, *waiters}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                return ("left", None) if done else ("timeout", None)
+            kind, payload = get.result()
+            self._timed(job, kind, payload)
+            if kind != "started":
+                return kind, payload
+            remaining = job.deadline - time.monotonic()
 
     async def collect(self, job: Job, disconnected: Callable[[], Any]) -> GenerationResult:
         """Wait for a non-streamed job. The deadline is kept here (a long prefill cannot delay the 504),
@@ -145,7 +225,7 @@ class Dispatcher:
                 if kind == "timeout":
                     raise self._timed_out()
                 if kind == "shutdown":
-                    raise APIError(503, "The server is shutting down.", type_="server_error", code="shutting_down")
+                    raise shutting_down()
                 raise generation_error(payload)
         finally:
             watcher.cancel()
@@ -173,7 +253,7 @@ class Dispatcher:
                     error = (
                         self._timed_out()
                         if kind == "timeout"
-                        else APIError(503, "The server is shutting down.", type_="server_error", code="shutting_down")
+                        else shutting_down()
                         if kind == "shutdown"
                         else generation_error(payload)
                     )
