@@ -66,10 +66,11 @@ def tiny_model(
     return model.to(dtype).eval()
 
 
-def run_tokens(target, prompt, cfg, eos=(), chunks=None, sampler_mode=None, tokenizer=None):
+def run_tokens(target, prompt, cfg, eos=(), chunks=None, sampler_mode=None, tokenizer=None, suffix=None):
     """Generate with the project's loop on a model (through its registry) or a runner; return the new
     tokens and the finished :class:`~clasp_decoding.decoding.Generation` (its ``stats`` and ``state``).
-    With a ``tokenizer``, text is decoded and ``cfg.stop`` strings apply."""
+    With a ``tokenizer``, text is decoded and ``cfg.stop`` strings apply; with a ``suffix`` index, it
+    drafts from and learns into that index."""
     from clasp_decoding.context import model_state
     from clasp_decoding.decoding import Generation
     from clasp_decoding.drafting.registry import make_drafter
@@ -87,6 +88,7 @@ def run_tokens(target, prompt, cfg, eos=(), chunks=None, sampler_mode=None, toke
         eos_ids=frozenset(eos),
         sampler_mode=sampler_mode,
         detokenizer=IncrementalDecoder(tokenizer, cfg.stop) if tokenizer is not None else None,
+        suffix=suffix,
     )
     out = []
     for chunk in gen:

@@ -225,7 +225,7 @@ def cycle_plans(monkeypatch):
     """Force the controller through every mode in turn: plain, lookup (if found), layer skip."""
     modes = itertools.cycle(["plain", "pld", "clasp"])
 
-    def plan(self, num_skip, lookup_len, budget, match_len=1, layer_skip=True):
+    def plan(self, num_skip, lookup_len, budget, match_len=1, layer_skip=True, suffix_len=0, suffix_match=1):
         mode = next(modes)
         if mode == "pld" and lookup_len:
             return Decision(Source.LOOKUP, min(lookup_len, budget), 1.0)

@@ -22,6 +22,7 @@ from clasp_decoding.config import GenerationConfig
 from clasp_decoding.drafting.base import Source
 from clasp_decoding.drafting.controller import Controller, Decision
 from clasp_decoding.sampling import warp
+from clasp_decoding.suffix_index import SuffixIndex
 from conftest import ARCHS, random_prompt, run_tokens, tiny_model
 from lossless_stats import conditional_pvalue
 from test_sampling import ALPHA, _mutant
@@ -49,12 +50,14 @@ def small_model():
 def forced_cycle(monkeypatch):
     """Make the hybrid's controller go through every mode in turn (plain, lookup, layer skip), so that
     the test covers each, whatever timings this machine measures."""
-    modes = itertools.cycle([Source.PLAIN, Source.LOOKUP, Source.LAYER_SKIP])
+    modes = itertools.cycle([Source.PLAIN, Source.LOOKUP, Source.SUFFIX, Source.LAYER_SKIP])
 
-    def plan(self, num_skip, lookup_len, budget, match_len=1, layer_skip=True):
+    def plan(self, num_skip, lookup_len, budget, match_len=1, layer_skip=True, suffix_len=0, suffix_match=1):
         mode = next(modes)
         if mode is Source.LOOKUP and lookup_len:
             return Decision(Source.LOOKUP, min(lookup_len, budget, 4), 1.0)
+        if mode is Source.SUFFIX and suffix_len:
+            return Decision(Source.SUFFIX, min(suffix_len, budget, 4), 1.0)
         if mode is Source.PLAIN or budget <= 0:
             return Decision(Source.PLAIN, 0, 1.0)
         return Decision(Source.LAYER_SKIP, min(4, budget), 1.0)
@@ -70,6 +73,7 @@ SETTINGS = {
         method="static", temperature=0.8, top_k=6, skip_layers=(1, 2), draft_exit_threshold=0.0, max_draft_tokens=4
     ),
     "pld": dict(method="pld", temperature=1.0, lookup_min_ngram=1, lookup_max_ngram=2, lookup_max_tokens=4),
+    "suffix": dict(method="suffix", temperature=1.0, lookup_max_tokens=4),
     "hybrid": dict(
         method="hybrid", temperature=1.0, top_p=0.9, draft_exit_threshold=0.2, max_draft_tokens=4, lookup_min_ngram=1
     ),
@@ -79,11 +83,22 @@ SETTINGS = {
 }
 
 
+def seeded_index() -> SuffixIndex:
+    """A suffix index that already holds this prompt followed by a few fixed continuations, some likely
+    under the model and some not, so that suffix drafts are both accepted and rejected."""
+    index = SuffixIndex()
+    for seed in range(6):
+        index.add(PROMPT + random_prompt(seed, STEPS, VOCAB))
+    return index
+
+
 def sample(model, cfg: GenerationConfig, n: int, mode: str, first_seed: int = 0):
-    """``n`` generations with seeds ``first_seed..``: tokens ``[n, STEPS]`` and the rounds' statistics."""
+    """``n`` generations with seeds ``first_seed..``: tokens ``[n, STEPS]`` and the rounds' statistics.
+    Methods that can draft from a suffix index share one, which also learns every sample."""
     out, drafted, longest, modes = [], 0, 0, set()
+    index = seeded_index() if cfg.method in ("suffix", "hybrid") else None
     for seed in range(first_seed, first_seed + n):
-        tokens, gen = run_tokens(model, PROMPT, cfg.updated(seed=seed), sampler_mode=mode)
+        tokens, gen = run_tokens(model, PROMPT, cfg.updated(seed=seed), sampler_mode=mode, suffix=index)
         out.append(tokens)
         drafted += gen.stats.drafted
         longest = max(longest, max(gen.stats.draft_lengths, default=0))
@@ -107,7 +122,7 @@ def pvalue(model, cfg: GenerationConfig, samples: torch.Tensor) -> float:
 @pytest.mark.parametrize("mode", ["speculative", "keyed"])
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_sampling_keeps_the_model_distribution(small_model, monkeypatch, name, mode):
-    if mode == "keyed" and name in ("static", "pld", "draft_vocab"):
+    if mode == "keyed" and name in ("static", "pld", "suffix", "draft_vocab"):
         pytest.skip("keyed sampling of these equals plain decoding exactly (tested below); clasp and hybrid cover it")
     if name == "hybrid":
         forced_cycle(monkeypatch)
@@ -115,7 +130,7 @@ def test_sampling_keeps_the_model_distribution(small_model, monkeypatch, name, m
     samples, drafted, longest, modes = sample(small_model, cfg, N_SAMPLES, mode)
     assert drafted > N_SAMPLES and longest >= 3  # rounds of several drafts really happened
     if name == "hybrid":
-        assert {"plain", "pld", "clasp"} <= modes
+        assert {"plain", "pld", "suffix", "clasp"} <= modes
     assert pvalue(small_model, cfg, samples) > ALPHA
 
 

@@ -701,11 +701,18 @@ def test_sigterm_drains_every_request_in_flight_without_a_500(tiny_model_dir):
         r = httpx.post(s.url + CHAT, json={**LONG, "max_tokens": 490}, timeout=30)
         plain.append((r.status_code, r.text))
 
-    threads = [threading.Thread(target=streamed, args=(8 if i == 0 else 490,)) for i in range(6)]
+    # The short stream goes first and is admitted (its first token arrived) before the others queue
+    # behind it, so that it holds one of the two batch slots whatever the machine's speed.
+    threads = [threading.Thread(target=streamed, args=(24,))]
+    threads[0].start()
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline and not any(ln.startswith("data: ") for ln in (streams or [[]])[0]):
+        time.sleep(0.01)
+    threads += [threading.Thread(target=streamed, args=(490,)) for _ in range(5)]
     threads += [threading.Thread(target=whole) for _ in range(2)]
-    for t in threads:
+    for t in threads[1:]:
         t.start()
-    time.sleep(0.8)
+    time.sleep(0.5)
     t0 = time.perf_counter()
     s.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)

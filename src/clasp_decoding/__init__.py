@@ -9,8 +9,9 @@ from .errors import ClaspError, ConfigError, InputError, ModelLoadError, RunnerB
 from .fetch import BUILTIN_MODELS, DEFAULT_MODEL
 from .models import load
 from .stats import GenerationStats
+from .suffix_index import SuffixIndex
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -26,6 +27,7 @@ __all__ = [
     "ModelLoadError",
     "NumericsNotice",
     "RunnerBusyError",
+    "SuffixIndex",
     "UnsupportedModelError",
     "generate",
     "generation",

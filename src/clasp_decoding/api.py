@@ -38,11 +38,15 @@ def generation(
     raw: bool = False,
     cache=None,
     reuse: int = 0,
+    suffix_index=None,
+    scope=None,
     **overrides,
 ) -> Generation:
     """A :class:`~.decoding.Generation` of ``prompt`` ready to run (validated, its cache allocated, or
     ``cache``: a ``(cache, release)`` pair from a batch's pool, already holding the prompt's first
-    ``reuse`` tokens when a prefix was reused).
+    ``reuse`` tokens when a prefix was reused). ``suffix_index``: a :class:`~.suffix_index.SuffixIndex`
+    kept between calls (a notebook's, a batch job's), which drafts from earlier requests (of ``scope``) and
+    learns this one when it completes.
 
     ``prompt`` is a string (the chat template is applied when the tokenizer has one, unless ``raw``), a
     list of chat messages, or a list of token ids (the only form without a tokenizer). Keyword options
@@ -63,6 +67,8 @@ def generation(
         detokenizer=IncrementalDecoder(tokenizer, cfg.stop) if tokenizer is not None else None,
         cache=cache,
         reuse=reuse,
+        suffix=suffix_index,
+        scope=scope,
     )
 
 
@@ -104,6 +110,7 @@ def generate(
 
 def _generate_batch(model, tokenizer, prompts: list, config, raw: bool, max_batch, overrides) -> list:
     cfg = config or GenerationConfig()
+    shared = {k: overrides.pop(k) for k in ("suffix_index", "scope") if k in overrides}
     if overrides:
         cfg = cfg.updated(**overrides)
     runner = model_state(model).runner
@@ -124,7 +131,7 @@ def _generate_batch(model, tokenizer, prompts: list, config, raw: bool, max_batc
             if room is None:
                 break
             waiting.pop(0)
-            members[i] = Member(generation(model, tokenizer, ids, cfg, cache=room), on_error=errors.append)
+            members[i] = Member(generation(model, tokenizer, ids, cfg, cache=room, **shared), on_error=errors.append)
             batch.join(members[i])
         if errors:
             for m in batch.members:

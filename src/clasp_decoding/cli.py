@@ -214,8 +214,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ClaspError("--max-queue, --timeout, --default-max-tokens and --max-body-mb must be positive.")
     if (a.max_batch is not None and a.max_batch < 1) or (a.kv_pool_tokens is not None and a.kv_pool_tokens < 1):
         raise ClaspError("--max-batch and --kv-pool-tokens must be positive.")
-    if (a.prefill_chunk is not None and a.prefill_chunk < 1) or a.drain_timeout < 0:
-        raise ClaspError("--prefill-chunk must be positive and --drain-timeout at least 0.")
+    if (a.prefill_chunk is not None and a.prefill_chunk < 1) or a.drain_timeout < 0 or a.suffix_tokens < 1:
+        raise ClaspError("--prefill-chunk and --suffix-tokens must be positive and --drain-timeout at least 0.")
     try:
         vocabs = tuple(sorted({int(v) for v in a.draft_vocabs.split(",")}))
     except ValueError:
@@ -237,6 +237,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         prefill_chunk=a.prefill_chunk,
         prefix_cache=a.prefix_cache,
         drain_timeout=a.drain_timeout,
+        suffix_index=a.suffix_index,
+        suffix_tokens=a.suffix_tokens,
+        suffix_file=a.suffix_file,
     )
     serve(
         a.model,
@@ -297,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_load_parser(sub)
 
+    add_serve_parser(sub)
+    return parser
+
+
+def add_serve_parser(sub) -> None:
+    """``clasp serve``'s options."""
     s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
     add_model_args(s)
     add_generation_args(s)
@@ -335,6 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
         "across keys, or not at all",
     )
     s.add_argument(
+        "--suffix-index",
+        choices=("key", "shared", "off"),
+        default="key",
+        help="draft from earlier requests' prompts and outputs: each API key's own history (default), everyone's, "
+        "or not at all",
+    )
+    s.add_argument("--suffix-tokens", type=int, default=1 << 20, help="the most tokens the suffix index keeps")
+    s.add_argument(
+        "--suffix-file",
+        default=None,
+        help="where the suffix index is kept across restarts (default: the cache folder, per model)",
+    )
+    s.add_argument(
         "--draft-vocabs",
         default="0,8192,32768",
         help="draft vocabulary sizes a request may ask for in clasp.draft_vocab (each builds a draft head)",
@@ -346,7 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when a request sets none")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ CEILINGS = {
 """Hard upper bounds. ``lookup_max_ngram`` bounds the prompt-lookup index: it holds every n-gram of the
 context up to that length, so its memory is linear in the context with this constant factor."""
 
-METHOD_NAMES = ("hybrid", "clasp", "static", "pld", "ar")
+METHOD_NAMES = ("hybrid", "clasp", "static", "pld", "suffix", "ar")
 """Every drafting method's name, the default first: the vocabulary of ``method``. The registry
 (:mod:`.drafting.registry`) says what each name runs and checks that it covers exactly these."""
 

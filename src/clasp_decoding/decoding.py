@@ -116,10 +116,14 @@ class Generation:
         sampler_mode: str | None = None,
         cache=None,
         reuse: int = 0,
+        suffix=None,
+        scope=None,
     ) -> None:
         """``cache``: ``(cache, release)`` from elsewhere (a batch's pool) instead of one from the runner;
         ``release(cache)`` is called when the generation ends. ``reuse``: that cache already holds the
-        prompt's first ``reuse`` tokens (a reused prefix)."""
+        prompt's first ``reuse`` tokens (a reused prefix). ``suffix``: a shared
+        :class:`~.suffix_index.SuffixIndex` to draft from (``scope``'s history), to which this generation's
+        prompt and output are added when it completes."""
         config.validate(runner.num_layers)
         prompt = list(prompt_ids)
         bad = [t for t in prompt if not 0 <= t < runner.vocab_size]
@@ -143,6 +147,8 @@ class Generation:
             tokens=prompt,
             prompt_len=len(prompt),
             model=model,
+            suffix=suffix,
+            scope=scope,
         )
         self.drafter = drafter
         self.detokenizer = detokenizer
@@ -264,9 +270,14 @@ class Generation:
         )
 
     def close(self) -> None:
-        """Give the KV cache back (a generation abandoned mid-way ends here)."""
+        """Give the KV cache back (a generation abandoned mid-way ends here); a completed one's prompt and
+        output go into the shared suffix index, if it has one."""
         if self.finish_reason is None:
             self.finish_reason = "length" if self.state.generated >= self.state.config.max_new_tokens else "cancelled"
+        s = self.state
+        if s.suffix is not None and self.finish_reason in ("stop", "length") and not getattr(self, "_learned", False):
+            self._learned = True
+            s.suffix.add(s.tokens, s.scope)
         self._release()
 
     # ------------------------------------------------------------------ the loop

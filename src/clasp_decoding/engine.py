@@ -54,6 +54,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     scope: object = None
+    draft_scope: object = None  # whose history in the suffix index it drafts from and adds to
     id: int = 0
     queued: float = field(default_factory=time.monotonic)
     started: float | None = None  # when it was admitted (the worker's clock)
@@ -104,6 +105,7 @@ class Engine:
         prefill_chunk: int | None = None,
         prefix_cache: bool = True,
         starve_after: float = 5.0,
+        suffix_index=None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.starve_after = max_queue, starve_after
@@ -116,6 +118,7 @@ class Engine:
         chunk = prefill_chunk if prefill_chunk is not None else default_prefill_chunk(costs)
         self.batch = Batch(runner, pool_tokens or self.max_batch * per_job, self.max_batch, chunk, self._make_room)
         self.prefix = PrefixCache(self.batch.pool, enabled=prefix_cache and runner.numerics.prompt_rowwise)
+        self.suffix = suffix_index  # drafts shared across requests (per scope), or None
         self._pending: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -265,7 +268,16 @@ class Engine:
                 room[0].copy_from(hit[0].cache, reuse)
             holder: list = []
             cache = (room[0], self._release_for(job, holder))
-            gen = generation(self.model, self.tokenizer, job.prompt_ids, job.config, cache=cache, reuse=reuse)
+            gen = generation(
+                self.model,
+                self.tokenizer,
+                job.prompt_ids,
+                job.config,
+                cache=cache,
+                reuse=reuse,
+                suffix_index=self.suffix,
+                scope=job.draft_scope,
+            )
             holder.append(gen)
         except Exception as e:  # the request's own problem: it fails, nothing else does
             if room is not None:
@@ -352,15 +364,16 @@ class Engine:
 
 def default_prefill_chunk(costs) -> int:
     """Prompt tokens per shared pass while others decode: the largest of 32, 64, 128, 256 whose pass is
-    predicted (a straight line through the measured costs of 1 and 32 rows) to cost at most two plain
-    steps; 64 without costs."""
+    predicted (a straight line through the measured costs of 1 and 32 rows) to cost at most two and a half
+    plain steps, so that a joining prompt keeps the running streams' slowest gaps within about three times
+    their usual; 64 without costs."""
     if costs is None or 0 not in costs.verify or 31 not in costs.verify:
         return 64
     step, wide = costs.verify[0], costs.verify[31]
     per_row = max(0.0, (wide - step) / 31)
     best = 32
     for rows in (64, 128, 256):
-        if step + per_row * rows <= 2.0 * step:
+        if step + per_row * rows <= 2.5 * step:
             best = rows
     return best
 

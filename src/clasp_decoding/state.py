@@ -58,6 +58,8 @@ class DecodeState:
     model: ModelState
     round: int = 0
     solo: bool = True  # the generation has the runner to itself: drafts may run the model (not in a batch)
+    suffix: Any = None  # the shared suffix index this generation drafts from and adds to (or None)
+    scope: Any = None  # whose history in it this generation may use (its API key; None for a lone user)
 
     @property
     def last_token(self) -> int:

@@ -145,9 +145,10 @@ def run_clients(server: LocalServer, tokenizer, prompts: list[str], max_tokens: 
 
 def clients_scenario(model, tokenizer, name, prompts, clients, methods, max_tokens, settings, log) -> list[dict]:
     rows = []
-    server = LocalServer(model, tokenizer, name, **settings)
+    server = LocalServer(model, tokenizer, name, **{"suffix_index": "off", **settings})
     try:
-        run_clients(server, tokenizer, prompts[:2], 8, methods[0])  # warm-up
+        for method in methods:
+            run_clients(server, tokenizer, prompts[:2], 8, method)  # warm-up (measures, quantizes once)
         for method in methods:
             alone = {}
             for n in clients:
@@ -276,6 +277,57 @@ def chat_scenario(model, tokenizer, name, conversations, max_tokens, settings, l
     return rows
 
 
+def repeat_scenario(model, tokenizer, name, prompts, clients, max_tokens, settings, log) -> list[dict]:
+    """``clients`` clients work through a repeating workload (each its share, one request after another),
+    with the server's suffix index off and on; aggregate tokens per second, and whether the texts agree."""
+    import tempfile
+
+    rows, texts = [], {}
+    scratch = tempfile.mkdtemp(prefix="clasp-suffix-")  # a fresh index: what this run learns, nothing older
+    for mode in ("off", "key"):
+        kept = f"{scratch}/index.pt"
+        server = LocalServer(model, tokenizer, name, **{**settings, "suffix_index": mode, "suffix_file": kept})
+        try:
+            run_clients(server, tokenizer, ["Hello."], 4, "hybrid")  # warm-up
+
+            async def main(server=server):
+                async with _client() as client:
+
+                    async def worker(mine):
+                        out = []
+                        for i in mine:
+                            msgs = [{"role": "user", "content": prompts[i]}]
+                            out.append((i, await stream_chat(client, server.url, name, msgs, max_tokens, "hybrid")))
+                        return out
+
+                    shares = [range(k, len(prompts), clients) for k in range(clients)]
+                    return [x for part in await asyncio.gather(*(worker(s) for s in shares)) for x in part]
+
+            t0 = time.perf_counter()
+            res = asyncio.run(main())
+            wall = time.perf_counter() - t0
+            texts[mode] = {i: r["text"] for i, r in res}
+            tokens = sum(_tokens_of(tokenizer, r["text"]) for _, r in res)
+            index = server.app.state.engine.suffix
+            rows.append({
+                "suffix_index": mode, "clients": clients, "requests": len(prompts), "aggregate_tps": tokens / wall,
+                "index_tokens": index.size if index is not None else 0,
+                "index_mb": index.nbytes() / 2**20 if index is not None else 0.0,
+            })  # fmt: skip
+        finally:
+            server.stop()
+    same = sum(texts["off"][i] == texts["key"][i] for i in texts["off"])
+    for row in rows:
+        row["identical"] = f"{same}/{len(prompts)}"
+    off, on = rows
+    log(
+        f"  repeat: {on['aggregate_tps']:.1f} tok/s aggregate with the suffix index, {off['aggregate_tps']:.1f} "
+        f"without ({on['aggregate_tps'] / off['aggregate_tps']:.2f}x); index {on['index_tokens']} tokens, "
+        f"{on['index_mb']:.1f} MB; texts identical {on['identical']}"
+    )
+    return rows
+
+
 def markdown(result: dict, info: dict) -> str:
     lines = [
         f"# Load: {info['model']}",
@@ -334,6 +386,19 @@ def markdown(result: dict, info: dict) -> str:
                 f"| {r['prefix_cache']} | {r['conversations']} | {r['turn1_ttft_mean']:.2f} | {r['turn2_ttft_mean']:.2f} "
                 f"| {r['reused_tokens']} of {r['prompt_tokens']} | {r['identical']} |"
             )
+    if result.get("repeat"):
+        lines += [
+            "",
+            "## A repeating workload (data/repeat_workload), several clients: the suffix index",
+            "",
+            "| suffix index | clients | requests | aggregate tok/s | index tokens | index MB | texts identical (on vs off) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in result["repeat"]:
+            lines.append(
+                f"| {r['suffix_index']} | {r['clients']} | {r['requests']} | {r['aggregate_tps']:.1f} "
+                f"| {r['index_tokens']} | {r['index_mb']:.1f} | {r['identical']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -372,7 +437,12 @@ def add_load_parser(sub) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default: the built-in suite)")
-    p.add_argument("--scenarios", default="clients", help="comma-separated: clients, join, chat")
+    p.add_argument("--scenarios", default="clients", help="comma-separated: clients, join, chat, repeat")
+    p.add_argument(
+        "--workload",
+        default=str(Path(__file__).resolve().parents[3] / "data" / "repeat_workload" / "question.jsonl"),
+        help="repeat: the repeating workload's questions",
+    )
     p.add_argument("--clients", default="1,2,4,8")
     p.add_argument("--methods", default="ar,hybrid")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -411,8 +481,8 @@ def cmd_load(a) -> int:
     scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     if not clients or min(clients) < 1 or a.max_new_tokens < 1:
         raise BenchInputError("--clients must be positive counts and --max-new-tokens positive.")
-    if set(scenarios) - {"clients", "join", "chat"}:
-        raise BenchInputError(f"--scenarios takes clients, join, chat; got {a.scenarios!r}.")
+    if set(scenarios) - {"clients", "join", "chat", "repeat"}:
+        raise BenchInputError(f"--scenarios takes clients, join, chat, repeat; got {a.scenarios!r}.")
     questions = load_questions(a.questions) if a.questions else builtin_questions()
     model, tokenizer = load(a.model, dtype=a.dtype)
     turns = [q.turns[0] for q in questions]
@@ -439,6 +509,11 @@ def cmd_load(a) -> int:
         if not talks:
             raise BenchInputError("chat needs questions with two turns (Spec-Bench's mt_bench).")
         result["chat"] = chat_scenario(model, tokenizer, a.model, talks, a.max_new_tokens, settings, log)
+    if "repeat" in scenarios:
+        work = [q.turns[0] for q in load_questions(a.workload)]
+        result["repeat"] = repeat_scenario(
+            model, tokenizer, a.model, work, max(clients), a.max_new_tokens, settings, log
+        )
     machine = machine_info()
     info = {
         "model": a.model, "dtype": str(model.dtype).replace("torch.", ""), "cpu": machine["cpu"],

@@ -2,7 +2,8 @@
 
 A method is a name from :data:`KINDS` (``hf`` and the engine's drafting methods), optionally with
 generation options in brackets, so sweeps are plain method lists:
-``clasp[num_skip=8,draft_exit_threshold=0.8]``. Its label is the whole string.
+``clasp[num_skip=8,draft_exit_threshold=0.8]``. Its label is the whole string. ``index=1`` gives a method
+one suffix index for the whole run (``hybrid[index=1]``): it drafts from the earlier requests.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class MethodSpec:
     label: str
     kind: str
     overrides: tuple[tuple[str, object], ...] = ()
+    index: bool = False  # one suffix index for the whole run, learning every request as it completes
 
     def config(self, base: GenerationConfig) -> GenerationConfig:
         method = "ar" if self.kind in PEERS else self.kind
@@ -80,7 +82,11 @@ def parse_methods(text: str) -> list[MethodSpec]:
                 if not eq:
                     raise BenchInputError(f"Method {part!r}: option {item!r} is not key=value.")
                 overrides.append((key.strip(), _value(value.strip())))
-        spec = MethodSpec(part, kind, tuple(overrides))
+        index = bool(dict(overrides).pop("index", False))
+        overrides = [(k, v) for k, v in overrides if k != "index"]
+        if index and kind in PEERS:
+            raise BenchInputError(f"Method {part!r}: a suffix index serves the engine's methods only.")
+        spec = MethodSpec(part, kind, tuple(overrides), index)
         try:
             spec.config(GenerationConfig())
         except ConfigError as e:
@@ -118,7 +124,7 @@ def run_turn(
     ``peers`` holds what the peer methods run on: ``hf`` an untouched copy of the model (the ``generate``
     users have), ``llamacpp`` a loaded :class:`~.llamacpp.LlamaCpp`."""
     cfg = spec.config(base)
-    peers = peers or {}
+    peers = {} if peers is None else peers
     if spec.kind in PEERS:
         eos = eos_ids_of(model, tokenizer)
         if spec.kind == HF:
@@ -127,8 +133,13 @@ def run_turn(
             ids, seconds = peers[LLAMACPP].generate(prompt_ids, cfg.max_new_tokens, eos)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         return TurnResult(ids, text, seconds, steps=len(ids))
+    index = None
+    if spec.index:
+        from ..suffix_index import SuffixIndex
+
+        index = peers.setdefault("indexes", {}).setdefault(spec.label, SuffixIndex())
     t0 = time.perf_counter()
-    result = generation(model, tokenizer, prompt_ids, cfg).run()
+    result = generation(model, tokenizer, prompt_ids, cfg, suffix_index=index).run()
     seconds = time.perf_counter() - t0
     st = result.stats
     return TurnResult(

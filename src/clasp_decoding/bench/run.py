@@ -198,6 +198,7 @@ def run_benchmark(settings: BenchSettings, model, tokenizer, *, log=print, peers
     run on (see :func:`~.methods.run_turn`)."""
     from tqdm.auto import tqdm
 
+    peers = {} if peers is None else peers  # one dict for the run: it also holds the methods' suffix indexes
     rows = prepare_out(settings)
     turns_of = {str(q.id): len(q.turns) for q in settings.questions}
     done = completed_groups(rows, turns_of)

@@ -8,8 +8,12 @@ from pathlib import Path
 
 from ..errors import ClaspError
 
-TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
-_SINGLE_TASK_CATEGORIES = {"translation", "summarization", "qa", "math_reasoning", "rag"}
+TASKS = (
+    "mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag",
+    "repeat_extract", "repeat_code", "repeat_chat",
+)  # fmt: skip
+"""Spec-Bench's six tasks, then the repeating workload's three (data/repeat_workload)."""
+_SINGLE_TASK_CATEGORIES = set(TASKS) - {"mt_bench"}
 
 
 class BenchInputError(ClaspError, ValueError):

@@ -24,6 +24,7 @@ class Source(str, Enum):
     PLAIN = "plain"  # nothing drafted: a plain decoding step
     LOOKUP = "pld"  # copied from an earlier match in the context (prompt lookup)
     LAYER_SKIP = "clasp"  # the model itself with some layers skipped
+    SUFFIX = "suffix"  # what followed the context's last tokens in earlier requests (the suffix index)
 
     def __str__(self) -> str:
         return self.value

@@ -157,6 +157,7 @@ class ControllerState:
 
     verify: dict[int, EMA] = field(default_factory=dict)
     lookup: CopyHazard = field(default_factory=CopyHazard)
+    suffix: CopyHazard = field(default_factory=CopyHazard)  # the suffix index's drafts, by n-gram order
     skip_sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # the last DP result per skip count
     realized: dict[tuple, tuple[EMA, EMA]] = field(default_factory=dict)
     realized_rounds: dict[tuple, int] = field(default_factory=dict)
@@ -222,6 +223,7 @@ class Controller:
         self.plain_streak = 0
         # This text's own copy statistics, starting from (and feeding) those of earlier text.
         self.copies = CopyHazard(weight=local_weight, decay=1.0, base=state.lookup)
+        self.suffix_copies = CopyHazard(weight=local_weight, decay=1.0, base=state.suffix)
         self.local: dict[tuple, Measured] = {}  # this text's measured options
         self.rounds = 0
         self.last = Source.PLAIN  # the source the last plan chose
@@ -272,28 +274,37 @@ class Controller:
             seen = (self.explore_gain / t0) if t0 else float("inf")
         return k, self._blend(key, seen)
 
-    def lookup_plan(self, match_len: int, found: int, budget: int) -> Decision:
-        """The lookup draft length with the best expected tokens per second (0: none pays)."""
+    def lookup_plan(self, match_len: int, found: int, budget: int, source: Source = Source.LOOKUP) -> Decision:
+        """The length of a copied draft (prompt lookup, or the suffix index's) with the best expected
+        tokens per second (0: none pays)."""
         s = self.state
         limit = min(found, budget)
-        expected = self.copies.expected(match_len, limit)
-        best = Decision(Source.LOOKUP, 0, 0.0)
+        hazard = self.suffix_copies if source is Source.SUFFIX else self.copies
+        expected = hazard.expected(match_len, limit)
+        best = Decision(source, 0, 0.0)
         for k in sorted({n for n in LENGTH_LADDER if n < limit} | {limit}):
             tv = s.t_verify(k)
             rate = expected[k] / tv if tv else float("inf")
             if rate > best.rate:
-                best = Decision(Source.LOOKUP, k, rate)
-        if best.max_tokens:  # what lookups after matches of this length really delivered on this text
-            best.rate = self._blend((Source.LOOKUP, match_bin(match_len)), best.rate)
+                best = Decision(source, k, rate)
+        if best.max_tokens:  # what such drafts after matches of this length really delivered on this text
+            best.rate = self._blend((source, match_bin(match_len)), best.rate)
         return best
 
     def plan(
-        self, num_skip: int, lookup_len: int, budget: int, match_len: int = 1, layer_skip: bool = True
+        self,
+        num_skip: int,
+        lookup_len: int,
+        budget: int,
+        match_len: int = 1,
+        layer_skip: bool = True,
+        suffix_len: int = 0,
+        suffix_match: int = 1,
     ) -> Decision:
         """This round: draft from prompt lookup (when it found ``lookup_len`` continuation tokens after a
-        match of ``match_len`` tokens), from the layer-skip draft (unless ``layer_skip`` is false: the
-        round shares its forward pass with a batch), or not at all, whichever promises the most tokens
-        per second."""
+        match of ``match_len`` tokens), from the suffix index (``suffix_len`` tokens after an n-gram of
+        ``suffix_match``), from the layer-skip draft (unless ``layer_skip`` is false: the round shares its
+        forward pass with a batch), or not at all, whichever promises the most tokens per second."""
         s = self.state
         layer_skip = layer_skip and self.layer_skip
         t0 = s.t_verify(0)
@@ -303,6 +314,10 @@ class Controller:
         options = []
         if lookup_len > 0:
             look = self.lookup_plan(match_len, lookup_len, budget)
+            if look.max_tokens > 0:
+                options.append(look)
+        if suffix_len > 0:
+            look = self.lookup_plan(suffix_match, suffix_len, budget, Source.SUFFIX)
             if look.max_tokens > 0:
                 options.append(look)
         if layer_skip:
@@ -318,6 +333,9 @@ class Controller:
             return best
         self.last = Source.PLAIN
         self.plain_streak += 1
+        if suffix_len > 0 and self.plain_streak % self.probe_every == self.probe_every // 2:
+            if self.could_pay(Source.SUFFIX, num_skip, min(suffix_len, budget)):
+                return Decision(Source.SUFFIX, min(suffix_len, budget, 2), best.rate)
         probe_lookup = lookup_len > 0 and self.plain_streak % self.probe_every == 0
         if probe_lookup and self.could_pay(Source.LOOKUP, num_skip, min(lookup_len, budget)):
             # Look again, cheaply: a short lookup draft refreshes the estimate for this match length.
@@ -384,8 +402,8 @@ class Controller:
         s = self.state
         self.rounds += 1
         if verify_seconds is None:  # a pass shared with a batch: acceptance is this text's, the time is not
-            if source is Source.LOOKUP and drafted:
-                self.copies.update(match_len, drafted, accepted)
+            if source in (Source.LOOKUP, Source.SUFFIX) and drafted:
+                (self.suffix_copies if source is Source.SUFFIX else self.copies).update(match_len, drafted, accepted)
             return
         s.verify.setdefault(drafted, EMA()).update(verify_seconds)
         seconds = draft_seconds + verify_seconds
@@ -393,8 +411,7 @@ class Controller:
             s.realize((Source.LAYER_SKIP, num_skip), accepted + 1, seconds)
             s.draft_step.setdefault(num_skip, EMA()).update(draft_seconds / drafted)
             self.local.setdefault((Source.LAYER_SKIP, num_skip), Measured()).add(accepted + 1, seconds, self.rounds)
-        elif source is Source.LOOKUP and drafted:
-            self.copies.update(match_len, drafted, accepted)
-            self.local.setdefault((Source.LOOKUP, match_bin(match_len)), Measured()).add(
-                accepted + 1, seconds, self.rounds
-            )
+        elif source in (Source.LOOKUP, Source.SUFFIX) and drafted:
+            hazard = self.suffix_copies if source is Source.SUFFIX else self.copies
+            hazard.update(match_len, drafted, accepted)
+            self.local.setdefault((source, match_bin(match_len)), Measured()).add(accepted + 1, seconds, self.rounds)

@@ -1,5 +1,6 @@
-"""Hybrid drafting under cost-aware control: prompt lookup where the context offers a match, CLaSp's
-layer-skip draft elsewhere, plain decoding when neither pays (see :mod:`.controller`).
+"""Hybrid drafting under cost-aware control: prompt lookup where the context offers a match, the shared
+suffix index where earlier requests do (when the generation has one), CLaSp's layer-skip draft
+elsewhere, plain decoding when none pays (see :mod:`.controller`).
 
 Lookup drafts may be long (up to ``hybrid_max_lookup`` tokens): the controller sizes each one from how
 long the match is and what verifying that many tokens measured, so a repeated passage is drafted tens
@@ -131,10 +132,24 @@ class HybridDrafter(Drafter):
             if self.use_lookup
             else ([], 0)
         )
-        plan = self.controller.plan(self.skip.num_skip, len(found), max_tokens, self.match_len, state.solo)
+        suffix = None
+        if self.use_lookup and state.suffix is not None:
+            suffix = state.suffix.draft(state.tokens, min(max_tokens, state.config.hybrid_max_lookup), state.scope)
+        plan = self.controller.plan(
+            self.skip.num_skip,
+            len(found),
+            max_tokens,
+            self.match_len,
+            state.solo,
+            suffix_len=len(suffix.tokens) if suffix else 0,
+            suffix_match=suffix.match if suffix else 1,
+        )
         self.drafting = plan.source
         if plan.source is Source.LOOKUP:
             return Draft(found[: plan.max_tokens], Source.LOOKUP)
+        if plan.source is Source.SUFFIX:
+            self.match_len = suffix.match
+            return Draft(suffix.tokens[: plan.max_tokens], Source.SUFFIX)
         if plan.source is Source.LAYER_SKIP:
             switched = None
             if self.adapt_skip and plan.num_skip is not None and plan.num_skip != self.skip.num_skip:

@@ -65,3 +65,15 @@ class PromptLookupDrafter(Drafter):
     def propose(self, state: DecodeState, max_tokens: int) -> Draft:
         found, _ = self.index.lookup(state.tokens, min(max_tokens, self.max_tokens))
         return Draft(found, Source.LOOKUP) if found else Draft([])
+
+
+class SuffixDrafter(Drafter):
+    """Drafts from the shared suffix index (:mod:`..suffix_index`): the continuation that most earlier
+    occurrences of the context's last tokens agree on, at most ``lookup_max_tokens``; nothing without an
+    index or a match."""
+
+    def propose(self, state: DecodeState, max_tokens: int) -> Draft:
+        if state.suffix is None:
+            return Draft([])
+        found = state.suffix.draft(state.tokens, min(max_tokens, state.config.lookup_max_tokens), state.scope)
+        return Draft(found.tokens, Source.SUFFIX) if found is not None else Draft([])

@@ -10,7 +10,7 @@ from ..config import METHOD_NAMES, GenerationConfig
 from .base import Drafter, NoDraft
 from .hybrid import HybridDrafter
 from .layer_skip import LayerSkipDrafter
-from .lookup import PromptLookupDrafter
+from .lookup import PromptLookupDrafter, SuffixDrafter
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ METHODS: dict[str, Method] = {
         Method("clasp", "CLaSp: layer skip re-chosen by the dynamic program (the paper's method)", _clasp, True, False),
         Method("static", "a fixed skip set", lambda c: LayerSkipDrafter(dynamic=False), True, False),
         Method("pld", "prompt lookup decoding", lambda c: PromptLookupDrafter(), False, True),
+        Method(
+            "suffix",
+            "drafts from earlier requests' prompts and outputs (the shared suffix index)",
+            lambda c: SuffixDrafter(),
+            False,
+            True,
+        ),
         Method("ar", "plain autoregressive decoding through the same loop", lambda c: NoDraft(), False, False),
     )
 }

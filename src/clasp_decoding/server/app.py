@@ -17,6 +17,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -55,6 +56,9 @@ class ServerSettings:
     kv_pool_tokens: int | None = None  # cache slots the running requests share (None: max_batch x context)
     prefill_chunk: int | None = None  # prompt tokens per pass while others decode (None: from measured costs)
     prefix_cache: str = "key"  # reuse of earlier requests' caches: within one API key ("key"), "shared", "off"
+    suffix_index: str = "key"  # drafts from earlier requests: each key's own history ("key"), "shared", "off"
+    suffix_tokens: int = 1 << 20  # the most tokens the suffix index keeps (least recently used dropped)
+    suffix_file: str | None = None  # where the suffix index is kept across restarts (None: the cache folder)
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM / SIGINT
     max_reading: int = 16  # request bodies read at once (more wait; more than max_queue waiting: 429)
     body_timeout: float = 30.0  # seconds a client may take to send its body (408 beyond)
@@ -246,8 +250,10 @@ def create_app(model, tokenizer, model_name: str, settings: ServerSettings | Non
     :class:`ServerSettings`). ``app.state.drain()`` starts a graceful drain (``clasp serve`` calls it on
     SIGTERM and SIGINT)."""
     settings = settings or ServerSettings(**kwargs)
-    if settings.prefix_cache not in ("key", "shared", "off"):
-        raise ValueError(f"prefix_cache must be 'key', 'shared' or 'off', got {settings.prefix_cache!r}")
+    for name in ("prefix_cache", "suffix_index"):
+        if getattr(settings, name) not in ("key", "shared", "off"):
+            raise ValueError(f"{name} must be 'key', 'shared' or 'off', got {getattr(settings, name)!r}")
+    index, index_file = _suffix_index(settings, model_name)
     engine = Engine(
         model,
         tokenizer,
@@ -256,6 +262,7 @@ def create_app(model, tokenizer, model_name: str, settings: ServerSettings | Non
         pool_tokens=settings.kv_pool_tokens,
         prefill_chunk=settings.prefill_chunk,
         prefix_cache=settings.prefix_cache != "off",
+        suffix_index=index,
     )
     metrics = Metrics(engine)
     checker = RequestChecker(model, tokenizer, model_name, settings)
@@ -268,6 +275,11 @@ def create_app(model, tokenizer, model_name: str, settings: ServerSettings | Non
         yield
         engine.close()
         prep.shutdown(wait=False, cancel_futures=True)
+        if index is not None and index_file is not None:
+            try:
+                index.save(index_file)
+            except OSError as e:
+                log.warning("could not keep the suffix index in %s: %s", index_file, e)
 
     app = FastAPI(title="clasp-decoding", version="0.3.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
@@ -318,6 +330,7 @@ class Intake:
         finally:
             self.waiting -= 1
         p.scope = _scope(request, st.prefix_cache)
+        p.draft_scope = _scope(request, st.suffix_index)
         return p
 
 
@@ -400,6 +413,24 @@ def _routes(app, model_name, metrics, checker, dispatcher, intake, engine) -> No
     async def completions(request: Request):
         p = await intake(request, checker.completion)
         return await _answer(request, p, dispatcher, metrics, model_name, disconnected, chat=False)
+
+
+def _suffix_index(settings: ServerSettings, model_name: str):
+    """The server's suffix index (loaded from its file when one was kept) and that file; ``(None, None)``
+    when switched off."""
+    from ..paths import cache_dir
+    from ..suffix_index import SuffixIndex
+
+    if settings.suffix_index == "off":
+        return None, None
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
+    path = Path(settings.suffix_file) if settings.suffix_file else cache_dir() / "suffix" / f"{safe}.pt"
+    if path.is_file():
+        try:
+            return SuffixIndex.load(path, settings.suffix_tokens), path
+        except Exception as e:  # a damaged file costs what it learned, nothing else
+            log.warning("could not read the suffix index in %s (%s); starting empty", path, e)
+    return SuffixIndex(settings.suffix_tokens), path
 
 
 def _scope(request: Request, mode: str):

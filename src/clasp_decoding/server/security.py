@@ -1,8 +1,9 @@
 """Who may talk to the server: the API key, the Host check, the body size limit.
 
 - **API keys.** With keys set, every ``/v1/*`` route and ``/metrics`` require ``Authorization: Bearer
-  KEY`` with one of them (compared in constant time); ``/health`` stays public. The index of the key a
-  request used is kept in its ASGI scope (``clasp_key``): cached prefixes are reused within one key.
+  KEY`` with one of them (compared in constant time); ``/health`` stays public. A digest of the key a
+  request used is kept in its ASGI scope (``clasp_key``): cached prefixes and the suffix index's history
+  are kept per key.
 - **Draining.** While the server drains, new ``/v1/*`` requests get 503 ``shutting_down`` with
   ``Retry-After``, before their body is read.
 - **Host check.** A server bound to loopback answers only requests addressed to a loopback name, so a
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -91,7 +93,9 @@ class Guard:
                     type_="invalid_request_error",
                     code="invalid_api_key",
                 )
-            scope["clasp_key"] = matches.index(True)
+            # the key's digest names its scope (kept prefixes, the suffix index): stable across restarts,
+            # and not the key itself
+            scope["clasp_key"] = hashlib.sha256(self.keys[matches.index(True)]).hexdigest()[:16]
         if self.draining() and scope.get("method") == "POST" and path.startswith("/v1/"):
             return shutting_down()
         return None

@@ -64,6 +64,13 @@ class Metrics:
         self.reused_tokens.set_function(lambda: float(engine.stats.reused_tokens))
         self.preemptions = Gauge("clasp_preemptions", "Requests preempted for cache room (recomputed)", registry=r)
         self.preemptions.set_function(lambda: float(engine.batch.preemptions))
+        index = engine.suffix
+        self.suffix_tokens = Gauge("clasp_suffix_index_tokens", "Tokens kept in the suffix index", registry=r)
+        self.suffix_tokens.set_function(lambda: float(index.size) if index is not None else 0.0)
+        self.suffix_bytes = Gauge("clasp_suffix_index_bytes", "Memory of the suffix index", registry=r)
+        self.suffix_bytes.set_function(lambda: float(index.nbytes()) if index is not None else 0.0)
+        self.suffix_hits = Gauge("clasp_suffix_index_hits", "Suffix-index lookups that found a draft", registry=r)
+        self.suffix_hits.set_function(lambda: float(index.hits) if index is not None else 0.0)
         fast = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
         self.ttft = Histogram("clasp_time_to_first_token_seconds", "Arrival to first token", registry=r, buckets=fast)
         self.itl = Histogram(
@@ -98,6 +105,7 @@ class Prepared:
     include_usage: bool
     arrived: float
     scope: object = None
+    draft_scope: object = None
 
 
 def generation_error(e: BaseException) -> APIError:
@@ -123,7 +131,14 @@ class Dispatcher:
         self.tokenizer = tokenizer
 
     def submit(self, p: Prepared) -> Job:
-        job = Job(p.prompt_ids, p.config, asyncio.get_running_loop(), deadline=p.arrived + self.timeout, scope=p.scope)
+        job = Job(
+            p.prompt_ids,
+            p.config,
+            asyncio.get_running_loop(),
+            deadline=p.arrived + self.timeout,
+            scope=p.scope,
+            draft_scope=p.draft_scope,
+        )
         job.timing = {"arrived": p.arrived, "last": None}
         try:
             self.engine.submit(job)
