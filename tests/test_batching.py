@@ -241,23 +241,28 @@ def test_a_cancelled_request_leaves_and_frees_its_slots(tiny_model_dir):
 # ----------------------------------------------------------------------------- the load policy
 
 
-def test_the_load_policy_keeps_the_faster_arm_and_probes_the_other():
+def test_the_load_policy_keeps_the_best_draft_limit_and_probes_its_neighbours():
     policy = LoadPolicy(trial=3, probe_every=10)
-    rates = {False: 10.0, True: 8.0}  # drafting loses at this batch size
+    rates = {0: 10.0, 1: 13.0, 2: 12.0, 4: 9.0, 8: 6.0}  # one draft token each pays most at this size
     picks = []
-    for _ in range(80):
-        arm = policy.drafting(8)
+    for _ in range(120):
+        arm = policy.limit(8, 7)
         picks.append(arm)
         policy.observe(8, arm, int(rates[arm]), 1.0)
-    steady = picks[10:]
-    assert steady.count(True) <= len(steady) // 8  # only probes
-    rates[True] = 14.0  # the text moved: drafting wins now
+    assert 8 not in picks  # it does not fit: 8 x (1 + 8) rows is over a pass's 64
+    steady = picks[20:]
+    assert steady.count(1) >= len(steady) * 7 // 8  # the rest are probes
+    assert {0, 2} <= set(steady) and 4 not in steady  # probes go to the neighbours only
+    rates[2], rates[4] = 14.0, 16.0  # the text moved: longer drafts win now
     picks = []
-    for _ in range(60):
-        arm = policy.drafting(8)
+    for _ in range(400):  # probes see it, and it takes over once their discounted rate is ahead
+        arm = policy.limit(8, 7)
         picks.append(arm)
         policy.observe(8, arm, int(rates[arm]), 1.0)
-    assert picks[-30:].count(True) >= 25
+    assert picks[-40:].count(4) >= 34
+    assert policy.limit(60, 0) == 0  # no room for drafts: plain
+    shared = [policy.limit(size, 7) for size in (5, 6, 7) * 5]
+    assert shared.count(4) >= 13  # sizes 5-8 share what was measured (the rest are probes)
 
 
 def test_default_batch_size_follows_measured_costs():

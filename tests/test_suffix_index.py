@@ -103,3 +103,49 @@ def test_generation_with_the_index_is_the_text_without_it_and_it_learns():
             if method == "suffix":
                 assert again.stats.accepted > 0 and again.stats.steps < first.stats.steps
     assert index.size > 0
+
+
+def test_a_live_sequence_is_searchable_as_it_grows_and_its_reserve_is_reclaimed():
+    """A generation in progress: its prompt at once, its output round by round (n-grams that span the
+    rounds included), never evicted; after its end, the unused reserve goes at the next rebuild and the
+    handles of sequences still live stay valid."""
+    index = SuffixIndex(max_tokens=1000)
+    live = index.begin([1, 2, 3, 4], scope="a", reserve=50)
+    assert index.draft([9, 2, 3], 2, scope="a").tokens == [4]  # the prompt, at once
+    index.extend(live, [1, 2, 3, 4, 5])
+    index.extend(live, [1, 2, 3, 4, 5, 6, 7, 8])
+    assert index.draft([9, 4, 5], 3, scope="a").tokens == [6, 7, 8]  # across the rounds' boundary
+    assert index.draft([9, 4, 5], 3, scope="b") is None  # scoped like the rest
+    other = index.begin([30, 31, 32, 33], scope="a", reserve=2000)
+    for i in range(30):  # finished sequences pushed out past the bound; the live ones stay
+        index.add([100 + i, *range(200, 240)], scope="a")
+    assert index.size <= 1000
+    assert index.draft([9, 6, 7], 1, scope="a").tokens == [8]
+    index.end(other)  # 2000 slots of slack: more than what is kept, so the arrays are rebuilt
+    assert index.corpus.numel() < 1200 and index.slack == 0
+    index.extend(live, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])  # the handle moved with the rebuild
+    assert index.draft([9, 8, 9], 1, scope="a").tokens == [10]
+    assert index.draft([0, 31, 32], 1, scope="a").tokens == [33]
+    index.end(live)
+    assert index.draft([9, 8, 9], 1, scope="a").tokens == [10]  # history now
+
+
+def test_requests_running_side_by_side_draft_from_each_other():
+    """Two generations of the same prompt stepped in turn with one index: the later one drafts from the
+    earlier one's output while both run, and both give plain decoding's text."""
+    from clasp_decoding.api import generation
+
+    model = tiny_model("qwen2", seed=13, dtype=torch.bfloat16, vocab=211)
+    prompt = random_prompt(21, 20, 211)
+    cfg = GenerationConfig(max_new_tokens=40, method="suffix")
+    plain = generate(model, None, prompt, cfg.updated(method="ar")).token_ids
+    index = SuffixIndex()
+    first = generation(model, None, prompt, cfg, suffix_index=index)
+    for _ in range(25):  # the first is well ahead, not done
+        first.step()
+    second = generation(model, None, prompt, cfg, suffix_index=index)
+    while not (first.done and second.done):
+        first.step()
+        second.step()
+    assert first.result().token_ids == second.result().token_ids == plain
+    assert second.stats.accepted > 10 and second.stats.steps < first.stats.steps

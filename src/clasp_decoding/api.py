@@ -46,7 +46,7 @@ def generation(
     ``cache``: a ``(cache, release)`` pair from a batch's pool, already holding the prompt's first
     ``reuse`` tokens when a prefix was reused). ``suffix_index``: a :class:`~.suffix_index.SuffixIndex`
     kept between calls (a notebook's, a batch job's), which drafts from earlier requests (of ``scope``) and
-    learns this one when it completes.
+    learns this one as it goes (its prompt at once, its output round by round).
 
     ``prompt`` is a string (the chat template is applied when the tokenizer has one, unless ``raw``), a
     list of chat messages, or a list of token ids (the only form without a tokenizer). Keyword options

@@ -24,7 +24,8 @@ keyed by (seed, position). So greedy and seeded text equal the text the request 
 A generation alone runs its ordinary rounds (:meth:`~.decoding.Generation.step`): the full hybrid,
 layer-skip drafts included, as a single user gets. With several, whether drafting pays depends on the
 load: rows are nearly free while a pass is bound by reading the weights, not beyond. :class:`LoadPolicy`
-measures both at each batch size, plain passes and passes with lookup drafts, and keeps the faster.
+measures, at each batch size, passes with 0 (plain), 1, 2, 4 and 8 draft tokens per generation (prompt
+lookup, the suffix index) and keeps the limit with the most tokens per second.
 """
 
 from __future__ import annotations
@@ -56,29 +57,50 @@ class _Rate:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-class LoadPolicy:
-    """Per batch size, whether this iteration drafts (prompt lookup) or decodes plainly: each is tried a
-    few passes, then the one with more tokens per second is kept, the other re-tried now and then (the
-    text moves). Drafting cannot cost more than its measured difference, so batched decoding with it is
-    never much below plain batched decoding."""
+DRAFT_LIMITS = (0, 1, 2, 4, 8)
+"""Draft tokens per generation a batched pass may carry (0: plain decoding), the load policy's arms."""
 
-    def __init__(self, trial: int = 4, probe_every: int = 16) -> None:
-        self.trial, self.probe_every = trial, probe_every
-        self.rates: dict[tuple[int, bool], _Rate] = {}
+
+class LoadPolicy:
+    """Per batch size (rounded up to a power of two), how many draft tokens each generation may put in a
+    pass: each limit of
+    :data:`DRAFT_LIMITS` (that fits the pass) is tried a few passes, then the one with the most tokens per
+    second is kept, and its neighbours re-tried now and then, in turn (the text moves, and so does what
+    pays). A few rows more are nearly free while a pass reads weights and cost throughput once it
+    computes; so batched decoding with drafts is never much below plain batched decoding, and takes
+    what longer drafts give where they pay."""
+
+    def __init__(self, trial: int = 4, probe_every: int = 16, limits: tuple[int, ...] = DRAFT_LIMITS) -> None:
+        self.trial, self.probe_every, self.limits = trial, probe_every, limits
+        self.rates: dict[tuple[int, int], _Rate] = {}
         self.passes: dict[int, int] = {}
 
-    def drafting(self, size: int) -> bool:
+    def limit(self, size: int, most: int) -> int:
+        """Draft tokens per generation for the next pass of ``size`` generations (at most ``most``)."""
+        size = _bucket(size)
         n = self.passes.get(size, 0)
         self.passes[size] = n + 1
-        plain, draft = self.rates.get((size, False)), self.rates.get((size, True))
-        for arm, rate in ((False, plain), (True, draft)):
+        arms = [a for a in self.limits if a <= most] or [0]
+        for arm in arms:
+            rate = self.rates.get((size, arm))
             if rate is None or rate.passes < self.trial:
                 return arm
-        best = draft.rate() > plain.rate()
-        return (not best) if n % self.probe_every == 0 else best
+        best = max(range(len(arms)), key=lambda i: self.rates[(size, arms[i])].rate())
+        if n % self.probe_every == 0:
+            side = -1 if (n // self.probe_every) % 2 else 1
+            near = best + side if 0 <= best + side < len(arms) else best - side
+            if 0 <= near < len(arms):
+                return arms[near]
+        return arms[best]
 
-    def observe(self, size: int, drafting: bool, tokens: int, seconds: float) -> None:
-        self.rates.setdefault((size, drafting), _Rate()).add(tokens, seconds)
+    def observe(self, size: int, limit: int, tokens: int, seconds: float) -> None:
+        self.rates.setdefault((_bucket(size), limit), _Rate()).add(tokens, seconds)
+
+
+def _bucket(size: int) -> int:
+    """Batch sizes that share the load policy's measurements: 1, 2, 3-4, 5-8, 9-16, ... (the next power of
+    two), so that a batch whose size moves by one as requests come and go does not start over."""
+    return 1 << max(0, size - 1).bit_length()
 
 
 @dataclass
@@ -246,9 +268,8 @@ class Batch:
         if not self.members:
             return
         size = len(self.members)
-        drafting = self.policy.drafting(size)
         decoding = [m for m in self.members if not m.generation.filling]
-        limit = max(0, (MAX_ROWS - size) // max(1, len(decoding))) if drafting else 0
+        limit = self.policy.limit(size, max(0, (MAX_ROWS - size) // max(1, len(decoding))))
         ready, left = [], budget
         for m in self.members:
             g = m.generation
@@ -284,7 +305,7 @@ class Batch:
             m.on_chunk(chunk)
         if not fills:  # a pass with prompts in it says nothing about decoding speed
             made = sum(m.generation.state.generated for m in ready) - before
-            self.policy.observe(size, drafting, made, time.perf_counter() - t0)
+            self.policy.observe(size, limit, made, time.perf_counter() - t0)
 
     def _apart(self, ready: list[Member]) -> list:
         """After a failed shared pass: each generation's rows alone (row-invariant kernels: the same bits

@@ -123,7 +123,7 @@ class Generation:
         ``release(cache)`` is called when the generation ends. ``reuse``: that cache already holds the
         prompt's first ``reuse`` tokens (a reused prefix). ``suffix``: a shared
         :class:`~.suffix_index.SuffixIndex` to draft from (``scope``'s history), to which this generation's
-        prompt and output are added when it completes."""
+        prompt is added at once and its output as it is accepted."""
         config.validate(runner.num_layers)
         prompt = list(prompt_ids)
         bad = [t for t in prompt if not 0 <= t < runner.vocab_size]
@@ -165,6 +165,10 @@ class Generation:
         self.logprobs: list[TokenLogprob] | None = [] if config.logprobs is not None else None
         limits = [runner.numerics.max_verify_drafts, None if runner.max_rows is None else runner.max_rows - 1]
         self.draft_limit = min((x for x in limits if x is not None), default=None)
+        self._learning = None  # this generation's live sequence in the suffix index
+        if suffix is not None:
+            self._learning = suffix.begin(prompt, scope, reserve=config.max_new_tokens)
+            self._unlearn = weakref.finalize(self, suffix.end, self._learning)
 
     # ------------------------------------------------------------------ driving it
 
@@ -270,14 +274,13 @@ class Generation:
         )
 
     def close(self) -> None:
-        """Give the KV cache back (a generation abandoned mid-way ends here); a completed one's prompt and
-        output go into the shared suffix index, if it has one."""
+        """Give the KV cache back (a generation abandoned mid-way ends here) and close its sequence in the
+        shared suffix index: from now on it is history (its accepted tokens are kept, whatever ended it:
+        each is the model's own output)."""
         if self.finish_reason is None:
             self.finish_reason = "length" if self.state.generated >= self.state.config.max_new_tokens else "cancelled"
-        s = self.state
-        if s.suffix is not None and self.finish_reason in ("stop", "length") and not getattr(self, "_learned", False):
-            self._learned = True
-            s.suffix.add(s.tokens, s.scope)
+        if self._learning is not None:
+            self._unlearn()
         self._release()
 
     # ------------------------------------------------------------------ the loop
@@ -434,6 +437,8 @@ class Generation:
             elif self.done:
                 text += self.detokenizer.flush()
         self.stats.new_tokens = s.generated
+        if self._learning is not None:
+            s.suffix.extend(self._learning, s.tokens)
         logprobs = self.logprobs[len(self.logprobs) - len(new) :] if self.logprobs is not None else None
         return Chunk(list(new), text, logprobs)
 

@@ -17,6 +17,13 @@ search and a few small gathers, so no Python runs per token. Layout:
   never sorts the whole index per request;
 - per position, the scope (whose history it is) and per sequence when it last served a draft.
 
+A generation in progress is a *live* sequence (:meth:`begin`, :meth:`extend`, :meth:`end`): its prompt
+is indexed when it starts, and its output round by round as tokens are accepted (one small vectorised
+update per round, the n-grams the new tokens complete), so that requests running side by side learn
+from each other's text at once. A live sequence reserves its longest possible length in the corpus
+(unwritten slots are separators, where every draft stops); what its end leaves unused is reclaimed by
+the next rebuild, which runs once such slack outgrows the text kept.
+
 Bounded: at most ``max_tokens`` tokens; beyond, the sequences least recently used (by a draft, else by
 age) are dropped, and the arrays rebuilt without them. About 90 bytes per token kept (the token, its scope, and per
 indexed order a hash and a position). Scopes keep one user's text out of another's drafts (and so out of
@@ -59,10 +66,12 @@ def _hashes(tokens: torch.Tensor, order: int) -> torch.Tensor:
 @dataclass
 class _Sequence:
     start: int  # in the corpus
-    length: int
+    length: int  # tokens written
     scope: int
     used: float = field(default_factory=time.monotonic)
     alive: bool = True
+    capacity: int = 0  # corpus slots it owns, its separator excluded (at least ``length``)
+    live: bool = False  # still growing (a generation in progress): never evicted
 
 
 @dataclass
@@ -95,6 +104,9 @@ class SuffixIndex:
         self.sequences: list[_Sequence] = []
         self._scope_ids: dict[object, int] = {}
         self.tokens_seen = 0
+        self.slack = 0  # corpus slots no sequence uses any more (reclaimed by a rebuild)
+        self._size = 0  # tokens written in the sequences kept
+        self._starts: torch.Tensor | None = None  # the sequences' starts, for finding a position's owner
         self.lookups = 0
         self.hits = 0
 
@@ -109,29 +121,94 @@ class SuffixIndex:
         if seq.numel() < min(ORDERS) + 1:
             return
         with self._lock:
-            sid = self.scope_id(scope)
-            start = self.corpus.numel()
-            self.corpus = torch.cat([self.corpus, seq, torch.tensor([SEPARATOR], dtype=torch.int32)])
-            self.scopes = torch.cat([self.scopes, torch.full((seq.numel() + 1,), sid, dtype=torch.int32)])
-            self.sequences.append(_Sequence(start, seq.numel(), sid))
-            self.tokens_seen += seq.numel()
-            keys, after = self._entries(seq, start)
+            self._append(seq, scope, seq.numel())
+            self._settle()
+
+    def begin(self, tokens: list[int], scope: object = None, reserve: int = 0) -> _Sequence:
+        """Start a live sequence (a generation's prompt, ``tokens``), with room for ``reserve`` more tokens
+        that :meth:`extend` adds as they are accepted; :meth:`end` closes it. The returned handle is
+        opaque."""
+        seq = torch.as_tensor(tokens, dtype=torch.int32).flatten()
+        with self._lock:
+            handle = self._append(seq, scope, seq.numel() + max(0, reserve))
+            handle.live = True
+            self._settle()
+            return handle
+
+    def extend(self, handle: _Sequence, tokens: list[int]) -> None:
+        """A live sequence's text is now ``tokens`` (its earlier text followed by what was accepted since):
+        index the new tokens and the n-grams they complete. Tokens beyond its reserve are not kept."""
+        with self._lock:
+            if not handle.alive or not handle.live:
+                return
+            end = min(len(tokens), handle.capacity)
+            if end <= handle.length:
+                return
+            new = torch.tensor(tokens[handle.length : end], dtype=torch.int32)
+            self.corpus[handle.start + handle.length : handle.start + end] = new
+            back = max(ORDERS)  # the earlier tokens that new n-grams can start in
+            lo = max(0, handle.length - back)
+            window = self.corpus[handle.start + lo : handle.start + end]
+            keys, after = self._entries(window, handle.start + lo, first=handle.length - lo)
             self.tail_keys = torch.cat([self.tail_keys, keys])
             self.tail_after = torch.cat([self.tail_after, after])
-            if self.tail_keys.numel() > max(1 << 16, self.keys.numel() // 8):
-                self._merge()
-            if self.size > self.max_tokens:
-                self._evict()
+            self.tokens_seen += end - handle.length
+            self._size += end - handle.length
+            handle.length = end
+            self._settle()
+
+    def end(self, handle: _Sequence) -> None:
+        """Close a live sequence: it is history now (evictable); its unused reserve becomes slack."""
+        with self._lock:
+            if not handle.live:
+                return
+            handle.live = False
+            self.slack += handle.capacity - handle.length
+            handle.capacity = handle.length
+            if handle.alive and handle.length < min(ORDERS) + 1:
+                handle.alive = False
+                self.slack += handle.length
+                self._size -= handle.length
+            if self.slack > max(min(1 << 16, self.max_tokens), self._size):
+                self._rebuild()
+
+    def _append(self, seq: torch.Tensor, scope: object, capacity: int) -> _Sequence:
+        """``seq`` as a new sequence at the corpus's end, owning ``capacity`` slots (unwritten ones hold
+        separators), its n-grams in the tail."""
+        sid = self.scope_id(scope)
+        start = self.corpus.numel()
+        room = torch.full((capacity + 1,), SEPARATOR, dtype=torch.int32)
+        room[: seq.numel()] = seq
+        self.corpus = torch.cat([self.corpus, room])
+        self.scopes = torch.cat([self.scopes, torch.full((capacity + 1,), sid, dtype=torch.int32)])
+        handle = _Sequence(start, seq.numel(), sid, capacity=capacity)
+        self.sequences.append(handle)
+        self._starts = None
+        self.tokens_seen += seq.numel()
+        self._size += seq.numel()
+        keys, after = self._entries(seq, start)
+        self.tail_keys = torch.cat([self.tail_keys, keys])
+        self.tail_after = torch.cat([self.tail_after, after])
+        return handle
+
+    def _settle(self) -> None:
+        """Merge a large tail; evict beyond the bound."""
+        if self.tail_keys.numel() > max(1 << 16, self.keys.numel() // 8):
+            self._merge()
+        if self._size > self.max_tokens and any(s.alive and not s.live for s in self.sequences):
+            self._evict()
 
     @staticmethod
-    def _entries(seq: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hashes and follow positions of every n-gram of ``seq`` (at corpus offset ``start``) that has a
-        token after it."""
+    def _entries(seq: torch.Tensor, start: int, first: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hashes and follow positions of the n-grams of ``seq`` (at corpus offset ``start``) that have a
+        token after them, that token at index ``first`` of ``seq`` or later."""
         keys, after = [], []
         for order in ORDERS:
             h = _hashes(seq[:-1], order)  # n-grams ending before the last token: something follows each
-            keys.append(h)
-            after.append(torch.arange(order, order + h.numel(), dtype=torch.int64) + start)
+            follow = torch.arange(order, order + h.numel(), dtype=torch.int64)
+            keep = follow >= first
+            keys.append(h[keep])
+            after.append(follow[keep] + start)
         return torch.cat(keys), torch.cat(after)
 
     def _merge(self) -> None:
@@ -148,7 +225,7 @@ class SuffixIndex:
     @property
     def size(self) -> int:
         """Tokens kept."""
-        return sum(s.length for s in self.sequences if s.alive)
+        return self._size
 
     def nbytes(self) -> int:
         """Memory held by the index's arrays."""
@@ -158,8 +235,8 @@ class SuffixIndex:
     def _evict(self) -> None:
         """Drop least recently used sequences until within ``max_tokens`` (keeping at least 3/4 of it), then
         rebuild the arrays without them."""
-        alive = sorted((s for s in self.sequences if s.alive), key=lambda s: s.used)
-        total = sum(s.length for s in alive)
+        alive = sorted((s for s in self.sequences if s.alive and not s.live), key=lambda s: s.used)
+        total = self._size  # live sequences count, but stay
         for s in alive:
             if total <= self.max_tokens * 3 // 4:
                 break
@@ -168,17 +245,19 @@ class SuffixIndex:
         self._rebuild()
 
     def _rebuild(self) -> None:
+        """The arrays again from the sequences kept (live ones with their reserve, in place: their handles
+        stay valid), without the evicted ones and the slack."""
         kept = [s for s in self.sequences if s.alive]
-        parts, scopes, keys, after, out, at = [], [], [], [], [], 0
+        parts, scopes, keys, after, at = [], [], [], [], 0
         for s in kept:
-            seq = self.corpus[s.start : s.start + s.length]
-            parts += [seq, torch.tensor([SEPARATOR], dtype=torch.int32)]
-            scopes.append(torch.full((s.length + 1,), s.scope, dtype=torch.int32))
-            k, a = self._entries(seq, at)
+            room = self.corpus[s.start : s.start + s.capacity + 1].clone()
+            parts.append(room)
+            scopes.append(torch.full((s.capacity + 1,), s.scope, dtype=torch.int32))
+            k, a = self._entries(room[: s.length], at)
             keys.append(k)
             after.append(a)
-            out.append(_Sequence(at, s.length, s.scope, s.used))
-            at += s.length + 1
+            s.start = at
+            at += s.capacity + 1
         self.corpus = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
         self.scopes = torch.cat(scopes) if scopes else torch.empty(0, dtype=torch.int32)
         self.keys = torch.cat(keys) if keys else torch.empty(0, dtype=torch.int64)
@@ -187,7 +266,10 @@ class SuffixIndex:
         self.tail_after = torch.empty(0, dtype=torch.int64)
         order = torch.argsort(self.keys, stable=True)
         self.keys, self.after = self.keys[order], self.after[order]
-        self.sequences = out
+        self.sequences = kept
+        self._starts = None
+        self._size = sum(s.length for s in kept)
+        self.slack = 0
 
     # ------------------------------------------------------------------ drafting
 
@@ -268,7 +350,9 @@ class SuffixIndex:
         return (tokens, support) if tokens else None
 
     def _touch(self, pos: torch.Tensor) -> None:
-        starts = torch.tensor([s.start for s in self.sequences], dtype=torch.int64)
+        if self._starts is None:
+            self._starts = torch.tensor([s.start for s in self.sequences], dtype=torch.int64)
+        starts = self._starts
         now = time.monotonic()
         for i in torch.unique(torch.searchsorted(starts, pos, right=True) - 1).tolist():
             if 0 <= i < len(self.sequences):

@@ -308,9 +308,11 @@ def repeat_scenario(model, tokenizer, name, prompts, clients, max_tokens, settin
             wall = time.perf_counter() - t0
             texts[mode] = {i: r["text"] for i, r in res}
             tokens = sum(_tokens_of(tokenizer, r["text"]) for _, r in res)
-            index = server.app.state.engine.suffix
+            engine = server.app.state.engine
+            index = engine.suffix
             rows.append({
                 "suffix_index": mode, "clients": clients, "requests": len(prompts), "aggregate_tps": tokens / wall,
+                "steps": engine.stats.steps, "drafted": engine.stats.drafted, "accepted": engine.stats.accepted,
                 "index_tokens": index.size if index is not None else 0,
                 "index_mb": index.nbytes() / 2**20 if index is not None else 0.0,
             })  # fmt: skip
