@@ -333,3 +333,44 @@ def test_where_verification_costs_k_steps_the_default_decodes_plainly():
     # On the host's clock too, with room for the noise of a loaded CI machine (a draft-and-verify habit
     # here would cost 1.5x and more).
     assert hybrid.stats.time_total <= 1.15 * plain.stats.time_total, (hybrid.stats.time_total, plain.stats.time_total)
+
+
+def test_free_rows_are_those_verification_takes_at_nearly_no_cost():
+    s = ControllerState()
+    s.verify[0], s.verify[8], s.verify[16] = EMA(value=1.0), EMA(value=1.02), EMA(value=2.0)
+    c = Controller(s, max_draft=8, candidates=[4])
+    assert c.free_rows(2, 16) == 6  # up to 8 drafts costs ~2% more: free; past 8 it climbs
+    assert c.free_rows(2, 5) == 3  # within the budget
+    assert c.free_rows(8, 16) == 0
+    assert Controller(ControllerState(), max_draft=8, candidates=[4]).free_rows(2, 8) == 0  # nothing measured
+
+
+def test_a_peek_past_a_draft_leaves_the_index_alone():
+    idx = NgramIndex(1, 3)
+    tokens = [5, 6, 7, 8, 9, 1, 2]
+    assert idx.peek(tokens, [5, 6], 3) == [7, 8, 9]  # after the draft's "5 6": what followed it before
+    assert idx.peek(tokens, [3], 3) == []
+    assert idx.indexed == len(tokens) - 1 and (1, 2, 5) not in idx.follow  # the draft was not indexed
+    assert idx.lookup(tokens + [5], 2) == ([6, 7], 1)
+
+
+def test_a_copy_draft_continues_from_the_other_source_and_keeps_the_text(monkeypatch):
+    """Suffix drafts that run out continue with prompt lookup and lookup drafts with the suffix index
+    (here every row is free): the text stays plain decoding's, greedy and seeded."""
+    from clasp_decoding import generate
+    from clasp_decoding.drafting.lookup import NgramIndex as Index
+    from clasp_decoding.suffix_index import SuffixIndex
+
+    monkeypatch.setattr(Controller, "free_rows", lambda self, drafted, budget, slack=1.05: max(0, budget - drafted))
+    peeks = []
+    real_peek = Index.peek
+    monkeypatch.setattr(Index, "peek", lambda self, *a: peeks.append(real_peek(self, *a)) or peeks[-1])
+    model = tiny_model("qwen2", seed=5)
+    prompt = random_prompt(31, 12) * 3
+    for sampling in (dict(), dict(temperature=0.9, seed=3)):
+        cfg = GenerationConfig(max_new_tokens=40, method="hybrid", lookup_min_ngram=1, **sampling)
+        plain = generate(model, None, prompt, cfg.updated(method="ar")).token_ids
+        index = SuffixIndex()
+        for _ in range(3):
+            assert generate(model, None, prompt, cfg, suffix_index=index).token_ids == plain, sampling
+    assert any(peeks)

@@ -50,7 +50,9 @@ import torch
 
 from .paths import cache_dir
 
-SOURCES = Path(__file__).with_name("csrc")
+SOURCES = Path(os.environ.get("CLASP_KERNEL_SOURCES") or Path(__file__).with_name("csrc"))
+"""The C++ sources (``$CLASP_KERNEL_SOURCES`` builds another copy: scripts/kernel_mutants.py plants bugs in
+one; the cache key is their content, so such a build never meets the real one)."""
 LIBRARY = "clasp_kernels.so"
 BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-Wno-ignored-attributes"]
 """``-ffp-contract=off``: the compiler may not fuse a multiply and an add on its own, so each kernel's

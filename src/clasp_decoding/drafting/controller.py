@@ -353,6 +353,20 @@ class Controller:
             return Decision(Source.LAYER_SKIP, min(self.max_draft, budget), best.rate, m)
         return Decision(Source.PLAIN, 0, plain)
 
+    def free_rows(self, drafted: int, budget: int, slack: float = 1.05) -> int:
+        """How many draft tokens could follow ``drafted`` (within ``budget`` in all) at nearly no cost: the
+        verification of the longer draft measured or interpolated within ``slack`` of the shorter's (on
+        CPUs with matrix units, rows up to the tile height; elsewhere usually none)."""
+        s = self.state
+        base = s.t_verify(drafted)
+        extra = 0
+        while base is not None and drafted + extra < budget:
+            longer = s.t_verify(drafted + extra + 1)
+            if longer is None or longer > slack * base:
+                break
+            extra += 1
+        return extra
+
     def _tried(self, m: int) -> bool:
         key = (Source.LAYER_SKIP, m)
         local = self.local.get(key)

@@ -4,7 +4,12 @@ elsewhere, plain decoding when none pays (see :mod:`.controller`).
 
 Lookup drafts may be long (up to ``hybrid_max_lookup`` tokens): the controller sizes each one from how
 long the match is and what verifying that many tokens measured, so a repeated passage is drafted tens
-of tokens at a time and a lone common token not at all.
+of tokens at a time and a lone common token not at all. Where a copy source runs out before the planned
+length, the draft goes on from the other copy source (a suffix draft by prompt lookup, a lookup draft by
+the suffix index) for the rows verification takes at nearly no cost on this machine (on CPUs with
+matrix units, up to the tile height); the controller's estimates count only the source's own part.
+On the repeating workload this combination measured no gain (2.10x against 2.11x over ``ar``,
+docs/results.md); it costs nothing where rows are not free, since then it adds none.
 
 Verification is the loop's, unchanged, so the output is exactly the model's whatever each round chose.
 ``method="hybrid"`` uses both sources; ``method="clasp", adaptive=True`` uses the layer-skip draft alone
@@ -29,7 +34,7 @@ from ..layer_select import every_other_middle
 from .base import Draft, Drafter, Outcome, Selection, Source
 from .controller import Controller, ControllerState
 from .layer_skip import LayerSkipDrafter
-from .lookup import PromptLookupDrafter
+from .lookup import MATCH_SPAN, PromptLookupDrafter
 
 if TYPE_CHECKING:
     from ..config import GenerationConfig
@@ -72,6 +77,7 @@ class HybridDrafter(Drafter):
         self.estimates: ControllerState | None = None
         self.prompt_hidden: torch.Tensor | None = None
         self.match_len = 0
+        self.primary: int | None = None  # this round's draft was continued past its source's tokens from here
         self.skip_rounds = 0  # rounds of layer skipping since the last layer selection
         self.drafting = Source.PLAIN  # this round's source (asked about before the verification)
         self.adapt_skip = True
@@ -145,11 +151,12 @@ class HybridDrafter(Drafter):
             suffix_match=suffix.match if suffix else 1,
         )
         self.drafting = plan.source
+        self.primary = None
         if plan.source is Source.LOOKUP:
-            return Draft(found[: plan.max_tokens], Source.LOOKUP)
+            return self._continued(state, found, plan.max_tokens, max_tokens, Source.LOOKUP)
         if plan.source is Source.SUFFIX:
             self.match_len = suffix.match
-            return Draft(suffix.tokens[: plan.max_tokens], Source.SUFFIX)
+            return self._continued(state, suffix.tokens, plan.max_tokens, max_tokens, Source.SUFFIX)
         if plan.source is Source.LAYER_SKIP:
             switched = None
             if self.adapt_skip and plan.num_skip is not None and plan.num_skip != self.skip.num_skip:
@@ -159,6 +166,24 @@ class HybridDrafter(Drafter):
             draft.selection = selection
             return draft
         return Draft([])
+
+    def _continued(self, state: DecodeState, found: list[int], planned: int, budget: int, source: Source) -> Draft:
+        """A copy draft of ``planned`` tokens; where its source ran out before the controller's plan did,
+        continued from the other copy source (prompt lookup after a suffix draft, the suffix index after
+        a lookup draft) for as many tokens as verification takes at nearly no cost here."""
+        tokens = found[:planned]
+        if len(found) > planned or not self.use_lookup:
+            return Draft(tokens, source)
+        room = self.controller.free_rows(len(tokens), budget)
+        more: list[int] = []
+        if room > 0 and source is Source.SUFFIX:
+            more = self.lookup.index.peek(state.tokens, tokens, room)
+        elif room > 0 and state.suffix is not None:
+            found = state.suffix.draft(state.tokens[-MATCH_SPAN:] + tokens, room, state.scope)
+            more = found.tokens if found is not None else []
+        if more:
+            self.primary = len(tokens)  # the controller's estimates are of the source's own tokens
+        return Draft(tokens + more, source)
 
     def _switch(self, state: DecodeState, num_skip: int) -> Selection | None:
         """Draft at another skip count from now on, with the set last chosen for it (none yet: the next
@@ -172,10 +197,11 @@ class HybridDrafter(Drafter):
 
     def observe(self, state: DecodeState, outcome: Outcome) -> Selection | None:
         draft = outcome.draft
+        own = len(draft) if self.primary is None else self.primary  # a continued draft: its source's part
         self.controller.observe(
             draft.source,
-            len(draft),
-            outcome.accepted,
+            own,
+            min(outcome.accepted, own),
             outcome.verify_seconds,
             outcome.draft_seconds,
             self.skip.num_skip,

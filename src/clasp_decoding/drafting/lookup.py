@@ -48,6 +48,17 @@ class NgramIndex:
                 return tokens[follow : follow + max_tokens], length
         return [], 0
 
+    def peek(self, tokens: list[int], draft: list[int], max_tokens: int) -> list[int]:
+        """What followed the latest earlier occurrence of the end of ``tokens + draft`` (the context with
+        a draft not yet verified after it), without indexing the draft; ``[]`` if nothing."""
+        self.extend(tokens)
+        ctx = tokens[-self.max_n :] + draft
+        for n in range(min(self.max_n, len(ctx)), self.min_n - 1, -1):
+            follow = self.follow.get(tuple(ctx[-n:]))
+            if follow is not None:
+                return (tokens[follow:] + draft)[:max_tokens]
+        return []
+
 
 class PromptLookupDrafter(Drafter):
     """Prompt lookup (longest n-gram first, latest occurrence), at most ``lookup_max_tokens`` per draft."""
