@@ -55,6 +55,9 @@ LENGTH_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 """Lookup draft lengths the controller chooses among (plus the whole match when it is shorter): few
 enough that each gets its verification time measured."""
 
+FREE_ROWS_MAX = 16
+"""The most tokens a copy draft is continued by (a tile's height: beyond it rows are never free)."""
+
 
 def match_bin(length: int) -> int:
     """Bins of match length for :class:`CopyHazard`: 1-4 exactly, then 5-7, 8-15, 16 and more."""
@@ -360,7 +363,7 @@ class Controller:
         s = self.state
         base = s.t_verify(drafted)
         extra = 0
-        while base is not None and drafted + extra < budget:
+        while base is not None and drafted + extra < budget and extra < FREE_ROWS_MAX:
             longer = s.t_verify(drafted + extra + 1)
             if longer is None or longer > slack * base:
                 break

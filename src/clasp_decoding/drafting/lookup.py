@@ -56,7 +56,8 @@ class NgramIndex:
         for n in range(min(self.max_n, len(ctx)), self.min_n - 1, -1):
             follow = self.follow.get(tuple(ctx[-n:]))
             if follow is not None:
-                return (tokens[follow:] + draft)[:max_tokens]
+                found = tokens[follow : follow + max_tokens]
+                return found + draft[: max_tokens - len(found)]
         return []
 
 
