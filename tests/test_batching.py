@@ -226,7 +226,8 @@ def test_a_cancelled_request_leaves_and_frees_its_slots(tiny_model_dir):
         prompts = [tok(f"Recursion {i} is")["input_ids"] for i in range(3)]
         cfg = GenerationConfig(max_new_tokens=120)
         solo = [generate(model, tok, p, cfg).text for p in prompts]
-        results = run_jobs(engine, [(p, cfg) for p in prompts], cancel_after=(1, 2))
+        long = GenerationConfig(max_new_tokens=400, min_new_tokens=400)  # far from done when it is cancelled
+        results = run_jobs(engine, [(p, long if i == 1 else cfg) for i, p in enumerate(prompts)], cancel_after=(1, 2))
         deadline = time.time() + 10
         while engine.running and time.time() < deadline:
             time.sleep(0.05)

@@ -271,10 +271,29 @@ def check_min_new_tokens(sampling: dict, model_seed: int = 6, methods=HOLD_METHO
             assert max(gen.stats.draft_lengths) >= 4, options  # long drafts really ran
 
 
+def long_drafts(monkeypatch) -> None:
+    """``hybrid``'s controller drafts as long as it may, from prompt lookup and the layer-skip draft in
+    turn, whatever the machine's measured costs would choose."""
+    from clasp_decoding.drafting.base import Source
+    from clasp_decoding.drafting.controller import Controller, Decision
+
+    turn = itertools.count()
+
+    def plan(self, num_skip, lookup_len, budget, match_len=1, layer_skip=True, suffix_len=0, suffix_match=1):
+        if budget <= 0:
+            return Decision(Source.PLAIN, 0, 1.0)
+        if lookup_len and next(turn) % 2:
+            return Decision(Source.LOOKUP, min(lookup_len, budget), 1.0)
+        return Decision(Source.LAYER_SKIP, min(8, budget), 1.0)
+
+    monkeypatch.setattr(Controller, "plan", plan)
+
+
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, seed=3)])
-def test_min_new_tokens_holds_every_position_under_long_drafts(sampling):
+def test_min_new_tokens_holds_every_position_under_long_drafts(sampling, monkeypatch):
     """Without the hold, the first token would nearly always end the sequence: every one of the 24
     held-back positions, in rounds of up to 8 drafts, must avoid all end ids, for every method."""
+    long_drafts(monkeypatch)
     check_min_new_tokens(sampling)
 
 

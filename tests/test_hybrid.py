@@ -266,26 +266,29 @@ def test_every_mode_switch_keeps_greedy_output(arch, monkeypatch):
 
 class SlowVerifyRunner:
     """A runner whose calls take ``base`` seconds per row (a draft step its share of the layers, a DP
-    candidate call its one layer), compute included: a machine where verifying ``k`` drafts costs ``k + 1``
-    plain steps, as bf16 on CPUs without AMX nearly does. ``spent`` adds up the simulated seconds, the
-    machine's time without the host's noise."""
+    candidate call its one layer) on a simulated clock (:meth:`clock`, which the test puts in place of
+    ``time.perf_counter``): a machine where verifying ``k`` drafts costs ``k + 1`` plain steps, as bf16 on
+    CPUs without AMX nearly does. ``spent`` adds up the simulated seconds."""
 
-    def __init__(self, runner, base: float) -> None:
+    def __init__(self, runner, base: float, host=None) -> None:
+        import time
+
         self._runner, self.base, self.spent = runner, base, 0.0
+        self._host = host or time.perf_counter
 
     def __getattr__(self, name):
         return getattr(self._runner, name)
 
     def _charge(self, t0: float, seconds: float) -> None:
-        import time
-
         self.spent += seconds
-        time.sleep(max(0.0, seconds - (time.perf_counter() - t0)))
+
+    def clock(self) -> float:
+        """The simulated machine's clock: what its passes cost, plus a hundredth of the host's time (so
+        that nothing measures zero), whatever else runs on the host meanwhile."""
+        return self.spent + 0.01 * self._host()
 
     def forward(self, cache, tokens, start, **kw):
-        import time
-
-        t0 = time.perf_counter()
+        t0 = self.spent
         out = self._runner.forward(cache, tokens, start, **kw)
         layers = kw.get("layers")
         share = 1.0 if layers is None else len(layers) / self._runner.num_layers
@@ -293,22 +296,24 @@ class SlowVerifyRunner:
         return out
 
     def layer_candidates(self, cache, index, states, position, module=None):
-        import time
-
-        t0 = time.perf_counter()
+        t0 = self.spent
         out = self._runner.layer_candidates(cache, index, states, position, module)
         self._charge(t0, self.base * states.shape[0] / self._runner.num_layers)
         return out
 
 
-def test_where_verification_costs_k_steps_the_default_decodes_plainly():
+def test_where_verification_costs_k_steps_the_default_decodes_plainly(monkeypatch):
     """The default method measures the costs, sees that no draft can pay, decodes plainly, and stays
-    within 3% of plain decoding's time on the simulated machine."""
+    within 3% of plain decoding's time on the simulated machine (whose clock every measurement reads, so
+    a loaded host changes nothing)."""
+    import time
+
     from clasp_decoding.runner import ModelRunner
     from clasp_decoding.state import ModelState
 
     model = tiny_model("llama", seed=3)
-    slow = SlowVerifyRunner(ModelRunner(model), base=0.04)
+    slow = SlowVerifyRunner(ModelRunner(model), base=0.04, host=time.perf_counter)
+    monkeypatch.setattr(time, "perf_counter", slow.clock)
     state = ModelState(slow)
     prompt = random_prompt(31, 6) * 2  # a repeat: prompt lookup finds matches all the time
 
@@ -330,9 +335,6 @@ def test_where_verification_costs_k_steps_the_default_decodes_plainly():
     assert costs[2] > 2.5 * costs[0]  # the measurement saw the simulated machine
     # The promise, on the simulated machine's clock: within 3% of plain decoding.
     assert hybrid_spent <= 1.03 * plain_spent, (hybrid_spent, plain_spent)
-    # On the host's clock too, with room for the noise of a loaded CI machine (a draft-and-verify habit
-    # here would cost 1.5x and more).
-    assert hybrid.stats.time_total <= 1.15 * plain.stats.time_total, (hybrid.stats.time_total, plain.stats.time_total)
 
 
 def test_free_rows_are_those_verification_takes_at_nearly_no_cost():
@@ -356,15 +358,34 @@ def test_a_peek_past_a_draft_leaves_the_index_alone():
 
 def test_a_copy_draft_continues_from_the_other_source_and_keeps_the_text(monkeypatch):
     """Suffix drafts that run out continue with prompt lookup and lookup drafts with the suffix index
-    (here every row is free): the text stays plain decoding's, greedy and seeded."""
+    (here every row is free and the controller copies whatever a source found, taking the two sources
+    in turn, so the test does not depend on timings measured on the machine): the text stays plain decoding's, greedy and seeded."""
     from clasp_decoding import generate
+    from clasp_decoding.drafting.hybrid import HybridDrafter
     from clasp_decoding.drafting.lookup import NgramIndex as Index
     from clasp_decoding.suffix_index import SuffixIndex
 
+    rounds = itertools.count()
+
+    def copy_what_was_found(self, num_skip, lookup_len, budget, match_len=1, layer_skip=True, suffix_len=0, suffix_match=1):
+        if suffix_len and (next(rounds) % 2 or not lookup_len):  # both found: take them in turn
+            return Decision(Source.SUFFIX, min(suffix_len, budget), 1.0)
+        if lookup_len:
+            return Decision(Source.LOOKUP, min(lookup_len, budget), 1.0)
+        return Decision(Source.PLAIN, 0, 1.0)
+
+    monkeypatch.setattr(Controller, "plan", copy_what_was_found)
     monkeypatch.setattr(Controller, "free_rows", lambda self, drafted, budget, slack=1.05: max(0, budget - drafted))
-    peeks = []
-    real_peek = Index.peek
+    peeks, continued = [], []
+    real_peek, real_continued = Index.peek, HybridDrafter._continued
     monkeypatch.setattr(Index, "peek", lambda self, *a: peeks.append(real_peek(self, *a)) or peeks[-1])
+
+    def spy(self, state, found, planned, budget, source):
+        draft = real_continued(self, state, found, planned, budget, source)
+        continued.append((source, len(draft.tokens) > min(len(found), planned)))
+        return draft
+
+    monkeypatch.setattr(HybridDrafter, "_continued", spy)
     model = tiny_model("qwen2", seed=5)
     prompt = random_prompt(31, 12) * 3
     for sampling in (dict(), dict(temperature=0.9, seed=3)):
@@ -373,4 +394,5 @@ def test_a_copy_draft_continues_from_the_other_source_and_keeps_the_text(monkeyp
         index = SuffixIndex()
         for _ in range(3):
             assert generate(model, None, prompt, cfg, suffix_index=index).token_ids == plain, sampling
-    assert any(peeks)
+    assert any(peeks)  # suffix drafts were continued by prompt lookup
+    assert (Source.SUFFIX, True) in continued and (Source.LOOKUP, True) in continued, set(continued)

@@ -256,4 +256,5 @@ def test_device_map_placement_and_per_layer_devices(tiny_model_dir):
         )
         res = generate(model, tok, prompt, cfg)
         assert res.token_ids == ref, method
-        assert res.stats.layer_selections >= 1  # the DP's candidate calls crossed the device boundary too
+        if method == "clasp":  # (hybrid's controller may not choose layer skip: timings decide)
+            assert res.stats.layer_selections >= 1  # the DP's candidate calls crossed the device boundary too

@@ -38,6 +38,11 @@ class LiveServer:
     """``create_app`` under uvicorn in a subprocess, serving a local folder under the name "tiny"."""
 
     def __init__(self, model_dir: Path, **settings) -> None:
+        import tempfile
+
+        # a suffix index of its own, not the one kept in the user's cache by earlier runs
+        self._scratch = tempfile.mkdtemp(prefix="clasp-suffix-")
+        settings.setdefault("suffix_file", str(Path(self._scratch) / "index.pt"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.headers = {"Authorization": f"Bearer {settings['api_key']}"} if settings.get("api_key") else {}
@@ -81,11 +86,14 @@ class LiveServer:
         return 0.0
 
     def stop(self) -> None:
+        import shutil
+
         self.proc.terminate()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 _LAUNCH = """
@@ -448,17 +456,21 @@ def test_body_limit_and_health_while_a_large_body_is_parsed(server):
     latencies = []
     with httpx.Client(timeout=10) as poll:  # one connection: the latency is the server's, not a handshake's
         assert poll.get(server.url + "/health").status_code == 200
+        t_start = time.perf_counter()
         worker.start()
-        time.sleep(0.2)
-        while worker.is_alive() and len(latencies) < 40:
+        time.sleep(0.05)
+        while worker.is_alive() and len(latencies) < 100:
             t0 = time.perf_counter()
             assert poll.get(server.url + "/health").status_code == 200
             latencies.append(time.perf_counter() - t0)
-            time.sleep(0.05)
+            time.sleep(0.02)
     worker.join()
+    took = time.perf_counter() - t_start
     assert result["r"].status_code == 400 and "maximum context length" in result["r"].text
-    assert len(latencies) >= 3, "the large request finished too fast to measure /health during it"
-    assert max(latencies) < 0.1, latencies
+    assert len(latencies) >= 3, f"the large request finished too fast ({took:.2f} s) to measure /health during it"
+    # Work on the event loop would hold one poll for most of the request's time; off the loop every poll
+    # is answered at once (the bound leaves room for a loaded machine's scheduling).
+    assert statistics.median(latencies) < 0.1 and max(latencies) < max(0.25, took / 3), (took, latencies)
 
 
 def test_unknown_route_and_health(server):
@@ -559,8 +571,8 @@ def test_load_32_concurrent_streaming_clients(server, local):
                 _stream(
                     client,
                     url,
-                    {"model": MODEL, "messages": [{"role": "user", "content": p}], "max_tokens": 60, "stream": True},
-                    disconnect_after=2,
+                    {"model": MODEL, "messages": [{"role": "user", "content": p}], "max_tokens": 400, "stream": True},
+                    disconnect_after=2,  # long enough that the server notices before it would finish
                 )
                 for p in PROMPTS[:6]
             ]
@@ -580,7 +592,9 @@ def test_load_32_concurrent_streaming_clients(server, local):
         time.sleep(0.5)
         rss.append(server.rss_mb())
     assert rss[-1] - rss[0] < 50, rss
-    time.sleep(0.5)
+    deadline = time.perf_counter() + 20
+    while time.perf_counter() < deadline and server.metric("clasp_requests_total", endpoint=CHAT, status="499") - left_before < 18:
+        time.sleep(0.1)
     assert server.metric("clasp_requests_total", endpoint=CHAT, status="499") - left_before == 18
     lat = [s for f in figures for s in f]
     report = {
@@ -602,8 +616,9 @@ def test_load_32_concurrent_streaming_clients(server, local):
 
 @pytest.fixture(scope="module")
 def small_server(tiny_model_dir):
-    """One waiting slot and a 0.4 s time limit."""
-    s = LiveServer(tiny_model_dir, max_queue=1, request_timeout=0.4)
+    """One running request, one waiting slot and a 0.4 s time limit (nothing chosen by measurement, so a
+    burst of five always gives one running, one waiting, three refused)."""
+    s = LiveServer(tiny_model_dir, max_queue=1, max_batch=1, prefill_chunk=64, request_timeout=0.4)
     yield s
     s.stop()
 
@@ -663,13 +678,18 @@ def test_queue_limit_timeout_and_single_counting(small_server):
 def test_a_non_streamed_request_whose_client_leaves_is_cancelled(tiny_model_dir):
     s = LiveServer(tiny_model_dir, request_timeout=60)
     try:
+        t0 = time.perf_counter()  # the whole generation, timed on this machine now
+        assert s.post(CHAT, {**LONG, "max_tokens": 490}).json()["usage"]["completion_tokens"] == 490
+        whole = time.perf_counter() - t0
         before = s.metric("clasp_requests_total", endpoint=CHAT, status="499")
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + CHAT, json={**LONG, "max_tokens": 490}, timeout=0.5)
+            httpx.post(s.url + CHAT, json={**LONG, "max_tokens": 490}, timeout=whole / 8)
         t0 = time.perf_counter()
-        _wait_idle(s, 10)  # the worker stopped at a round boundary instead of generating 500 tokens
-        assert time.perf_counter() - t0 < 3
-        time.sleep(0.2)
+        _wait_idle(s, 10)  # the worker stopped at a round boundary instead of generating the rest
+        assert time.perf_counter() - t0 < whole / 2, (time.perf_counter() - t0, whole)
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline and s.metric("clasp_requests_total", endpoint=CHAT, status="499") == before:
+            time.sleep(0.05)
         assert s.metric("clasp_requests_total", endpoint=CHAT, status="499") - before == 1
         assert s.post(CHAT, {**LONG, "max_tokens": 4}).status_code == 200
     finally:
@@ -712,10 +732,22 @@ def test_sigterm_drains_every_request_in_flight_without_a_500(tiny_model_dir):
     threads += [threading.Thread(target=whole) for _ in range(2)]
     for t in threads[1:]:
         t.start()
-    time.sleep(0.5)
+
+    def in_flight() -> int:
+        h = httpx.get(s.url + "/health", timeout=10).json()
+        return h["running"] + h["queue_length"]
+
+    def short_done() -> bool:
+        return "data: [DONE]" in streams[0]
+
+    deadline = time.perf_counter() + 30  # every request is in the engine (the short one maybe done already)
+    while time.perf_counter() < deadline and in_flight() < (7 if short_done() else 8):
+        time.sleep(0.02)
     t0 = time.perf_counter()
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    deadline = time.perf_counter() + 10
+    while time.perf_counter() < deadline and httpx.get(s.url + "/health", timeout=10).status_code != 503:
+        time.sleep(0.02)
     late = httpx.post(s.url + CHAT, json=LONG, timeout=10)
     assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     assert late.headers.get("retry-after")

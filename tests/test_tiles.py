@@ -278,6 +278,7 @@ def test_the_choice_is_measured_kept_and_forced(monkeypatch, tmp_path):
     monkeypatch.setenv("CLASP_LINEAR", "bogus")
     with pytest.raises(ValueError, match="CLASP_LINEAR='bogus'"):
         cpu_linear.choice(torch.bfloat16)
+    cpu_linear._verdict.cache_clear()  # the next test reads this machine's kept verdict, not this one's
 
 
 def test_a_model_on_the_emulated_tiles_generates_what_the_fastest_kernel_does():
@@ -358,3 +359,29 @@ def test_no_kernel_reads_past_its_inputs():
     instead of the run)."""
     done = subprocess.run([sys.executable, "-c", GUARD_SWEEP], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.startswith("ok"), (done.returncode, done.stderr[-2000:])
+
+
+def test_no_generation_unpacks_a_packed_weight(monkeypatch):
+    """Once a model's drafts are made, generating with any method never unpacks a packed weight (asking a
+    layer's size included): an unpack costs milliseconds per layer, per generation."""
+    from clasp_decoding import generate, numerics
+    from clasp_decoding.config import GenerationConfig
+    from conftest import random_prompt, tiny_model
+
+    model = tiny_model("qwen2", seed=4, dtype=torch.bfloat16)
+    monkeypatch.setenv("CLASP_LINEAR", "tiles")
+    numerics.install(model)
+    try:
+        assert isinstance(model.model.layers[0].mlp.down_proj.weight, cpu_linear.PackedWeight)
+        prompt = random_prompt(8, 20) * 2
+        unpacked = []
+        real_dense = cpu_linear.PackedWeight.dense
+        monkeypatch.setattr(cpu_linear.PackedWeight, "dense", lambda self: unpacked.append(self.shape) or real_dense(self))
+        for method in ("ar", "clasp", "pld", "suffix", "hybrid"):
+            cfg = GenerationConfig(max_new_tokens=12, method=method)
+            generate(model, None, prompt, cfg)  # the first makes the draft's copies (once per model)
+            unpacked.clear()
+            generate(model, None, prompt, cfg)
+            assert not unpacked, (method, unpacked)
+    finally:
+        numerics.restore(model)

@@ -318,7 +318,18 @@ class PackedWeight(torch.Tensor):
         return func(*tree_map(_dense, args), **tree_map(_dense, kwargs))
 
 
-_AS_IS = (torch.Tensor.detach, torch.Tensor.requires_grad_, torch.Tensor.__deepcopy__, torch.Tensor.clone)
+_AS_IS = (
+    torch.Tensor.detach,
+    torch.Tensor.requires_grad_,
+    torch.Tensor.__deepcopy__,
+    torch.Tensor.clone,
+    # questions about the shape, answered from the wrapper's metadata, never by unpacking the tiles
+    torch.Tensor.numel,
+    torch.Tensor.nelement,
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.element_size,
+)
 
 
 def _dense(t):
