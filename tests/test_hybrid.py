@@ -95,7 +95,7 @@ def test_layer_selection_counts_against_layer_skipping():
     assert c.plan(4, 0, 100).source is Source.PLAIN
 
 
-def test_realized_rate_is_a_ratio_of_running_means():
+def test_realized_rate_is_a_ratio_of_discounted_sums():
     s = ControllerState()
     for _ in range(50):
         s.realize((Source.LAYER_SKIP, 4), 5, 0.6)
@@ -396,3 +396,34 @@ def test_a_copy_draft_continues_from_the_other_source_and_keeps_the_text(monkeyp
             assert generate(model, None, prompt, cfg, suffix_index=index).token_ids == plain, sampling
     assert any(peeks)  # suffix drafts were continued by prompt lookup
     assert (Source.SUFFIX, True) in continued and (Source.LOOKUP, True) in continued, set(continued)
+
+
+def test_a_layer_selection_adds_its_time_without_counting_as_a_round():
+    """The first layer selection of a model (no tokens, a DP's time) once weighed like a round of none,
+    and sank layer skipping's estimate for dozens of rounds: now its seconds add to those rounds'."""
+    s = state(tv0=1.0)
+    c = Controller(s, max_draft=8, candidates=[4])
+    c.charge_selection(4, 1.0)
+    for _ in range(4):
+        c.observe(Source.LAYER_SKIP, 3, 2, verify_seconds=1.05, draft_seconds=0.6, num_skip=4)
+    # 3 tokens per 1.65 s round, plus the selection's 1.0 s, discounted by 0.9 per round like the rounds:
+    # about 1.63 tokens/s against plain decoding's 1 (as a round of no tokens: about 0.9)
+    weights = [0.9**i for i in range(4)]
+    assert s.realized_rate((Source.LAYER_SKIP, 4)) == pytest.approx(3 * sum(weights) / (1.65 * sum(weights) + 0.9**4))
+    assert c.plan(4, 0, 100).source is Source.LAYER_SKIP
+
+
+def test_a_cost_table_from_another_hour_is_scaled_to_the_machines_speed_now():
+    """Seeded costs (kept across processes) say a plain step takes 1.5 s; this process measures rounds
+    1.5x faster than the table says at their lengths: every seeded figure is scaled by that, so a
+    layer-skip rate that only beat the stale plain step is not taken for a gain."""
+    from clasp_decoding.costs import CostTable
+
+    s = ControllerState()
+    CostTable({0: 1.5, 1: 1.53, 2: 1.56, 4: 1.62, 8: 1.8}, {}, 0).seed(s)
+    assert s.t_verify(0) == pytest.approx(1.5)  # nothing measured yet: the table as it is
+    c = Controller(s, max_draft=8, candidates=[4])
+    for _ in range(6):  # 1 token per 1.3 s: a gain over 1/1.5 tokens/s but not over 1/1.0
+        c.observe(Source.LAYER_SKIP, 2, 0, verify_seconds=1.04, draft_seconds=0.26, num_skip=4)
+    assert s.t_verify(0) == pytest.approx(1.0, rel=1e-3) and s.t_verify(8) == pytest.approx(1.2, rel=1e-3)
+    assert c.plan(4, 0, 100).source is Source.PLAIN

@@ -242,3 +242,60 @@ def test_attention_refuses_what_it_cannot_compute():
         kernels.attention(q, k, k, 3)
     with pytest.raises(RuntimeError, match="need 7 keys, got 5"):
         kernels.attention(torch.randn(1, 3, 2, 8), k, k, 5)
+
+
+@pytest.mark.skipif(not kernels.available() or "avx512bf16" not in kernels.isas(), reason="no AVX512-BF16/VNNI here")
+def test_int8_on_vnni_sums_exactly_without_overflow_and_keeps_small_values():
+    """The VNNI path quantizes each row of x to int16 with a bound that keeps every int32 lane from
+    overflowing, even at the largest values everywhere over a long K; and a row with an outlier 1000
+    times its other values still gets their contribution to within bf16's precision."""
+    for k in (7, 33, 4096, 20000):
+        q = torch.full((3, k), 127, dtype=torch.int8)
+        q[1] = -127
+        scale = torch.tensor([1.0, 0.5, 2.0])
+        x = torch.full((2, k), 3.0e4).bfloat16()
+        out = kernels.linear_int8(x, q, scale, None, "avx512bf16").double()
+        ref = torch.nn.functional.linear(x.double(), q.double() * scale.double()[:, None])
+        torch.testing.assert_close(out, ref, rtol=2**-7, atol=0)  # bf16 output: 8 bits
+    g = torch.Generator().manual_seed(5)
+    k = 1000
+    x = torch.randn(4, k, generator=g)
+    x[:, 17] = 1000.0  # an outlier channel, as real activations have
+    w = torch.randn(64, k, generator=g)
+    w[:, 17] = 0.0  # ... whose weights are zero here: the result is the other channels' alone
+    scale = w.abs().amax(1) / 127
+    q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+    xb = x.bfloat16()
+    out = kernels.linear_int8(xb, q, scale, None, "avx512bf16").double()
+    ref = torch.nn.functional.linear(xb.double(), q.double() * scale.double()[:, None])
+    # int16 steps of 1000 / 32767 on values of ~1: each term's error is below bf16 rounding's of the output
+    torch.testing.assert_close(out, ref, rtol=2**-7, atol=0.05)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the kernels could not be built here")
+def test_int8_prefetch_changes_speed_never_bits(monkeypatch, tmp_path):
+    """Prefetching the next block of weight rows gives the same bits; the choice is measured once per
+    machine, kept, and CLASP_INT8_PREFETCH overrides it."""
+    g = torch.Generator().manual_seed(6)
+    before = kernels.set_int8_prefetch(False)
+    try:
+        for n, k in [(16, 64), (40, 1000), (333, 96)]:
+            q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            scale = torch.rand(n, generator=g) / 100
+            x = torch.randn(3, k, generator=g).bfloat16()
+            kernels.set_int8_prefetch(False)
+            off = kernels.linear_int8(x, q, scale)
+            assert kernels.set_int8_prefetch(True) is False
+            assert torch.equal(kernels.linear_int8(x, q, scale), off)
+        monkeypatch.setenv("CLASP_CACHE_DIR", str(tmp_path))
+        calls = []
+        monkeypatch.setattr(cpu_linear, "_measure_int8_prefetch", lambda: calls.append(1) or True)
+        for forced, expected in (("", True), ("", True), ("0", False)):
+            monkeypatch.setenv("CLASP_INT8_PREFETCH", forced)
+            cpu_linear.int8_prefetch.cache_clear()
+            assert cpu_linear.int8_prefetch() is expected
+            assert kernels.set_int8_prefetch(expected) is expected  # what it applied
+        assert calls == [1]  # measured once, then read back
+    finally:
+        cpu_linear.int8_prefetch.cache_clear()
+        kernels.set_int8_prefetch(before)

@@ -110,7 +110,7 @@ class CostTable:
     def seed(self, state, quant: str = "none") -> None:
         """Start a controller's estimates (:class:`~.drafting.controller.ControllerState`) from these."""
         for k, seconds in self.verify.items():
-            state.verify.setdefault(k, EMA(value=seconds))
+            state.seed_verify.setdefault(k, seconds)  # scaled to the machine's speed now (controller)
         step = self.draft_step.get(quant)
         if step is not None and self.num_skip:
             state.draft_step.setdefault(self.num_skip, EMA(value=step))

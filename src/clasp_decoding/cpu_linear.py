@@ -235,6 +235,57 @@ def _verdict(dtype: torch.dtype) -> Choice:
     return verdict
 
 
+@functools.cache
+def int8_prefetch() -> bool:
+    """Whether the int8 kernel (a quantized draft's layers) should prefetch the next block of weight rows:
+    ``CLASP_INT8_PREFETCH`` (0 or 1) if set, else the verdict kept for this machine, else measured now
+    (one-row products over :data:`MEASURE_BYTES` of int8 weights in a draft's shapes, both ways
+    interleaved, the best round of each; on only if 3% faster) and kept. Applied to the kernels."""
+    forced = os.environ.get("CLASP_INT8_PREFETCH", "").strip()
+    if forced in ("0", "1"):
+        on = forced == "1"
+    elif not kernels.available():
+        return False
+    else:
+        key = _machine_key()
+        kept = _read_store().get(key, {}).get("int8_prefetch")
+        if isinstance(kept, bool):
+            on = kept
+        else:
+            on = _measure_int8_prefetch()
+            data = _read_store()
+            data.setdefault(key, {})["int8_prefetch"] = on
+            _write_store(data)
+    if kernels.available():
+        kernels.set_int8_prefetch(on)
+    return on
+
+
+def _measure_int8_prefetch(rounds: int = 5) -> bool:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4096, 1536), (1536, 4096)]  # short rows and long ones, as in a layer's projections
+    per = sum(n * k for n, k in shapes)
+    weights = []
+    for _ in range(max(1, MEASURE_BYTES // per)):
+        for n, k in shapes:
+            weights.append((torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n) / 64))
+    xs = {k: torch.randn(1, k, generator=g).bfloat16() for _, k in shapes}
+    best = {False: float("inf"), True: float("inf")}
+    before = kernels.set_int8_prefetch(False)
+    try:
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for on in (False, True):
+                    kernels.set_int8_prefetch(on)
+                    t0 = time.perf_counter()
+                    for q, scale in weights:
+                        kernels.linear_int8(xs[q.shape[1]], q, scale)
+                    best[on] = min(best[on], time.perf_counter() - t0)
+    finally:
+        kernels.set_int8_prefetch(before)
+    return best[True] < best[False] / 1.03
+
+
 # ----------------------------------------------------------------------------- packed weights
 
 aten = torch.ops.aten

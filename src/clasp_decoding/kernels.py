@@ -63,7 +63,7 @@ ISA_FILES: dict[str, tuple[str, list[str]]] = {
     # file: (the macro telling the dispatcher it was built, the file's own flags); x86-64 only
     "kernels_avx2.cpp": ("CLASP_HAVE_AVX2", ["-mavx2", "-mfma", "-mbmi2"]),
     "kernels_avx512.cpp": ("CLASP_HAVE_AVX512", _AVX512),
-    "kernels_avx512bf16.cpp": ("CLASP_HAVE_AVX512BF16", [*_AVX512, "-mavx512bf16"]),
+    "kernels_avx512bf16.cpp": ("CLASP_HAVE_AVX512BF16", [*_AVX512, "-mavx512bf16", "-mavx512vnni"]),
     "kernels_tile_avx512.cpp": ("CLASP_HAVE_TILE_AVX512", _AVX512),
     "kernels_amx.cpp": ("CLASP_HAVE_AMX", [*_AVX512, "-mamx-tile", "-mamx-bf16"]),
 }
@@ -410,6 +410,12 @@ def linear_int8(
     """``x @ (qweight * scale[:, None]).T + bias``: int8 weights ``[N, K]``, one fp32 scale per output
     feature, bf16 ``x`` and result."""
     return _ops().linear_int8(x, qweight, scale, bias, isa)
+
+
+def set_int8_prefetch(on: bool) -> bool:
+    """Whether :func:`linear_int8` asks for the next block of weight rows ahead, where its kernel has the
+    choice (chosen by measurement: :func:`.cpu_linear.int8_prefetch`); returns the previous setting."""
+    return bool(_ops().set_int8_prefetch(on))
 
 
 def linear_int4(

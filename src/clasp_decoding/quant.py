@@ -64,6 +64,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         dev = weight.device
         self.own = not _probe and _own_kernels(dev)
+        if self.own and kind == "int8":
+            from .cpu_linear import int8_prefetch
+
+            int8_prefetch()  # measured once per machine, applied to the kernel
         if kind == "int4" and self.own:
             self.group = next((g for g in INT4_GROUPS if g % 64 == 0 and self.in_features % g == 0), None)
         elif kind == "int4":

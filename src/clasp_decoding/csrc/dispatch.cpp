@@ -117,7 +117,8 @@ std::vector<Isa> detect() {
   (void)avx2;
 #if CLASP_HAVE_AVX512BF16 && CLASP_HAVE_AVX512
   out.push_back({"avx512bf16", avx512bf16::linear, avx512bf16::x_is_bf16, avx512bf16::attention,
-                 avx512bf16::attention_prepare, avx512 && __builtin_cpu_supports("avx512bf16")});
+                 avx512bf16::attention_prepare,
+                 avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")});
 #endif
 #if CLASP_HAVE_AVX512
   out.push_back({"avx512", avx512::linear, avx512::x_is_bf16, avx512::attention, avx512::attention_prepare, avx512});
@@ -396,6 +397,18 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return out;
 }
 
+// Whether the int8 products prefetch the next block of weight rows (where they have a choice); the
+// previous setting.
+bool set_int8_prefetch(bool on) {
+  static bool current = false;
+  const bool before = current;
+  current = on;
+#if defined(__x86_64__) && CLASP_HAVE_AVX512BF16 && CLASP_HAVE_AVX512
+  avx512bf16::set_int8_prefetch(on);
+#endif
+  return before;
+}
+
 }  // namespace
 }  // namespace clasp
 
@@ -412,6 +425,7 @@ TORCH_LIBRARY(clasp_kernels, m) {
   m.def("isas() -> str[]");
   m.def("tile_isas() -> str[]");
   m.def("amx_status() -> str");
+  m.def("set_int8_prefetch(bool on) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(clasp_kernels, CPU, m) {
@@ -429,4 +443,5 @@ TORCH_LIBRARY_IMPL(clasp_kernels, CompositeExplicitAutograd, m) {
   m.impl("isas", clasp::supported_isas);
   m.impl("tile_isas", clasp::supported_tile_isas);
   m.impl("amx_status", clasp::amx_status);
+  m.impl("set_int8_prefetch", clasp::set_int8_prefetch);
 }

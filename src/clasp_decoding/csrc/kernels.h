@@ -89,6 +89,9 @@ CLASP_DECLARE_ISA(scalar)
 CLASP_DECLARE_ISA(avx2)
 CLASP_DECLARE_ISA(avx512)
 CLASP_DECLARE_ISA(avx512bf16)
+namespace avx512bf16 {
+void set_int8_prefetch(bool on);  // int8 products: ask for the next block of weight rows ahead
+}
 #endif
 
 // The helpers below have internal linkage: each translation unit (compiled with its own instruction-set

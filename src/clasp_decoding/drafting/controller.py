@@ -17,7 +17,7 @@ Each round it compares the expected tokens per second of its options with plain 
   and the match is long, it drafts far (tens of tokens into a repeated passage); after a lone common
   token it drafts little or nothing;
 - the layer-skip draft at skip count ``M``: the tokens per second such rounds actually delivered
-  (running means of tokens and of seconds), since the draft-exiting threshold makes their length
+  (discounted sums of tokens and of seconds), since the draft-exiting threshold makes their length
   vary. It drafts up to ``max_draft_tokens`` and stops at the first unconfident token; a skip count
   with too few rounds yet is assumed 1.5 times as fast as plain decoding, so that it is tried unless
   prompt lookup promises more.
@@ -158,48 +158,73 @@ class Decision:
 class ControllerState:
     """What the controller knows about one model on one machine."""
 
-    verify: dict[int, EMA] = field(default_factory=dict)
+    verify: dict[int, EMA] = field(default_factory=dict)  # measured on this text's machine, in this process
+    seed_verify: dict[int, float] = field(default_factory=dict)  # from a cost table, maybe another hour's
     lookup: CopyHazard = field(default_factory=CopyHazard)
     suffix: CopyHazard = field(default_factory=CopyHazard)  # the suffix index's drafts, by n-gram order
     skip_sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # the last DP result per skip count
-    realized: dict[tuple, tuple[EMA, EMA]] = field(default_factory=dict)
-    realized_rounds: dict[tuple, int] = field(default_factory=dict)
+    realized: dict[tuple, Measured] = field(default_factory=dict)
     skip_probe_every: int = 0  # plain rounds between layer-skip probes; doubles while probes lose
     draft_step: dict[int, EMA] = field(default_factory=dict)  # seconds of one draft step per skip count
 
     def realize(self, key: tuple, tokens: int, seconds: float) -> None:
-        pair = self.realized.setdefault(key, (EMA(decay=0.9), EMA(decay=0.9)))
-        pair[0].update(tokens)
-        pair[1].update(seconds)
-        self.realized_rounds[key] = self.realized_rounds.get(key, 0) + 1
+        """One round of kind ``key`` (``(Source.LAYER_SKIP, M)``): ``tokens`` emitted in ``seconds``."""
+        self.realized.setdefault(key, Measured()).add(tokens, seconds)
+
+    def charge(self, key: tuple, seconds: float) -> None:
+        """Time that served rounds of kind ``key`` without being one (a layer selection): it adds to their
+        seconds, not to their count (as a round of no tokens it would weigh like any round, and the first
+        selection of a model would pull the estimate down for dozens of rounds)."""
+        self.realized.setdefault(key, Measured()).charge(seconds)
 
     def realized_rate(self, key: tuple, min_rounds: int = 4) -> float | None:
-        """Tokens per second that rounds of this kind (``(Source.LAYER_SKIP, M)``) actually delivered, as a ratio of
-        running means (a mean of per-round rates would undervalue the long, productive rounds); it
-        includes what the model of the rate leaves out (early exits, varying draft lengths)."""
-        if self.realized_rounds.get(key, 0) < min_rounds:
+        """Tokens per second that rounds of this kind actually delivered: discounted sums of tokens over
+        seconds (a mean of per-round rates would undervalue the long, productive rounds), so recent text
+        weighs more; it includes what the model of the rate leaves out (early exits, varying draft
+        lengths, layer selections). ``None`` before ``min_rounds`` rounds."""
+        seen = self.realized.get(key)
+        if seen is None or seen.rounds < min_rounds:
             return None
-        tokens, seconds = self.realized[key]
-        return tokens.value / seconds.value if seconds.value else None
+        return seen.rate() if seen.seconds else None
+
+    def _verify_known(self) -> list[tuple[int, float]]:
+        """``(drafts, seconds)`` for every length known: measured here, else the cost table's figure scaled
+        by how fast the machine runs now against then (the median ratio, over the lengths measured here,
+        of the measurement to the table's figure at that length). A cost table is kept across processes
+        and the same machine's speed drifts (by 40% between hours on shared hosts): unscaled, a stale
+        plain step makes drafting look better or worse than it is for as long as no plain round
+        refreshes it, which in a drafting stretch is never."""
+        fresh = {n: e.value for n, e in self.verify.items() if e.value is not None}
+        if self.seed_verify:
+            seeded = sorted(self.seed_verify.items())
+            ratios = sorted(t / then for n, t in fresh.items() if (then := _interpolate(seeded, n)) > 0)
+            scale = ratios[len(ratios) // 2] if ratios else 1.0
+            for n, t in seeded:
+                fresh.setdefault(n, t * scale)
+        return sorted(fresh.items())
 
     def t_verify(self, k: int) -> float | None:
         """Verification time for ``k`` drafts: measured, else interpolated between the nearest measured
         lengths, else extrapolated from the longest one at the steepest slope seen so far (at least the
         average slope from a plain step). Optimistic while little is known, so longer drafts get tried
         and measured."""
-        known = sorted((n, e.value) for n, e in self.verify.items() if e.value is not None)
-        if not known:
-            return None
-        for (n0, t0), (n1, t1) in itertools.pairwise(known):
-            if n0 <= k <= n1:
-                return t0 + (t1 - t0) * (k - n0) / (n1 - n0)
-        if k < known[0][0]:
-            return known[0][1]
-        (n0, t0), (n1, t1) = known[0], known[-1]
-        slope = (t1 - t0) / (n1 - n0) if n1 > n0 else 0.0
-        if len(known) > 1:
-            slope = max(slope, (t1 - known[-2][1]) / (n1 - known[-2][0]))
-        return t1 + max(0.0, slope) * (k - n1)
+        known = self._verify_known()
+        return _interpolate(known, k) if known else None
+
+
+def _interpolate(known: list[tuple[int, float]], k: int) -> float:
+    """The value at ``k`` of the points ``known`` (sorted by length): linear between neighbours, the first
+    below them, beyond the last at the steepest slope seen (at least the average from the first)."""
+    for (n0, t0), (n1, t1) in itertools.pairwise(known):
+        if n0 <= k <= n1:
+            return t0 + (t1 - t0) * (k - n0) / (n1 - n0)
+    if k < known[0][0]:
+        return known[0][1]
+    (n0, t0), (n1, t1) = known[0], known[-1]
+    slope = (t1 - t0) / (n1 - n0) if n1 > n0 else 0.0
+    if len(known) > 1:
+        slope = max(slope, (t1 - known[-2][1]) / (n1 - known[-2][0]))
+    return t1 + max(0.0, slope) * (k - n1)
 
 
 class Controller:
@@ -264,7 +289,7 @@ class Controller:
 
         The length is the cap (``max_draft_tokens``, the budget): within it the draft-exiting threshold
         stops the draft at the first unconfident token, which is a sharper per-token decision than any
-        length fixed in advance. The rate is what such rounds really delivered (a ratio of running means
+        length fixed in advance. The rate is what such rounds really delivered (a ratio of discounted sums
         of tokens and seconds, early exits included); a skip count without enough rounds yet is tried,
         unless the measured costs show it could not pay even if every draft were accepted."""
         k = min(self.max_draft, budget)
@@ -403,7 +428,7 @@ class Controller:
 
     def charge_selection(self, num_skip: int, seconds: float) -> None:
         """Layer selection serves the layer-skip draft: its cost counts against that draft's rate."""
-        self.state.realize((Source.LAYER_SKIP, num_skip), 0, seconds)
+        self.state.charge((Source.LAYER_SKIP, num_skip), seconds)
         self.local.setdefault((Source.LAYER_SKIP, num_skip), Measured()).charge(seconds)
 
     def observe(
