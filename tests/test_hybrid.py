@@ -367,7 +367,9 @@ def test_a_copy_draft_continues_from_the_other_source_and_keeps_the_text(monkeyp
 
     rounds = itertools.count()
 
-    def copy_what_was_found(self, num_skip, lookup_len, budget, match_len=1, layer_skip=True, suffix_len=0, suffix_match=1):
+    def copy_what_was_found(
+        self, num_skip, lookup_len, budget, match_len=1, layer_skip=True, suffix_len=0, suffix_match=1
+    ):
         if suffix_len and (next(rounds) % 2 or not lookup_len):  # both found: take them in turn
             return Decision(Source.SUFFIX, min(suffix_len, budget), 1.0)
         if lookup_len:

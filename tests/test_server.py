@@ -593,7 +593,10 @@ def test_load_32_concurrent_streaming_clients(server, local):
         rss.append(server.rss_mb())
     assert rss[-1] - rss[0] < 50, rss
     deadline = time.perf_counter() + 20
-    while time.perf_counter() < deadline and server.metric("clasp_requests_total", endpoint=CHAT, status="499") - left_before < 18:
+    while (
+        time.perf_counter() < deadline
+        and server.metric("clasp_requests_total", endpoint=CHAT, status="499") - left_before < 18
+    ):
         time.sleep(0.1)
     assert server.metric("clasp_requests_total", endpoint=CHAT, status="499") - left_before == 18
     lat = [s for f in figures for s in f]
@@ -688,7 +691,9 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(tiny_model_dir)
         _wait_idle(s, 10)  # the worker stopped at a round boundary instead of generating the rest
         assert time.perf_counter() - t0 < whole / 2, (time.perf_counter() - t0, whole)
         deadline = time.perf_counter() + 10
-        while time.perf_counter() < deadline and s.metric("clasp_requests_total", endpoint=CHAT, status="499") == before:
+        while (
+            time.perf_counter() < deadline and s.metric("clasp_requests_total", endpoint=CHAT, status="499") == before
+        ):
             time.sleep(0.05)
         assert s.metric("clasp_requests_total", endpoint=CHAT, status="499") - before == 1
         assert s.post(CHAT, {**LONG, "max_tokens": 4}).status_code == 200

@@ -376,7 +376,9 @@ def test_no_generation_unpacks_a_packed_weight(monkeypatch):
         prompt = random_prompt(8, 20) * 2
         unpacked = []
         real_dense = cpu_linear.PackedWeight.dense
-        monkeypatch.setattr(cpu_linear.PackedWeight, "dense", lambda self: unpacked.append(self.shape) or real_dense(self))
+        monkeypatch.setattr(
+            cpu_linear.PackedWeight, "dense", lambda self: unpacked.append(self.shape) or real_dense(self)
+        )
         for method in ("ar", "clasp", "pld", "suffix", "hybrid"):
             cfg = GenerationConfig(max_new_tokens=12, method=method)
             generate(model, None, prompt, cfg)  # the first makes the draft's copies (once per model)
