@@ -43,13 +43,7 @@ def read_bandwidth(gb: float = 2.0) -> float:
 
 
 def l3_bytes() -> int:
-    """The largest cache's size (sysfs), or 64 MB if unknown."""
-    best = 64 << 20
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
-        best = max(best, int(text.rstrip("KM")) * scale)
-    return best
+    return cpu_linear.last_level_cache_bytes()
 
 
 def main() -> None:

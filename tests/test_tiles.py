@@ -275,6 +275,8 @@ def test_the_choice_is_measured_kept_and_forced(monkeypatch, tmp_path):
     monkeypatch.setenv("CLASP_LINEAR", "tile_emulated")
     forced = cpu_linear.choice(torch.bfloat16)
     assert forced.family == "tiles" and forced.members == ("tile_emulated",) * 3 and forced.forced
+    # a tile kernel named for bf16 leaves other dtypes on the vector kernels (no error for fp32 layers)
+    assert cpu_linear.choice(torch.float32).family == "vector" or kernels.isa() is None
     monkeypatch.setenv("CLASP_LINEAR", "bogus")
     with pytest.raises(ValueError, match="CLASP_LINEAR='bogus'"):
         cpu_linear.choice(torch.bfloat16)

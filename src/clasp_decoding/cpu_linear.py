@@ -42,6 +42,13 @@ BUCKET_EDGES = (1, 8)
 FAMILIES = ("tiles", "vector", "torch")
 TILE_KERNELS = ("amx", "tile_avx512", "tile_emulated")
 MEASURE_BYTES = 64 << 20
+"""The least weight memory a measurement cycles through."""
+MEASURE_CAP = 512 << 20
+"""The most (a host's last-level cache can be 300 MB and more: what is measured must come from memory)."""
+MEASURE_METHOD = 2
+"""Part of the key of kept verdicts: a change in how they are measured measures them again (2: weights
+beyond the last-level cache; 1 measured 64 MB, inside a 300 MB cache, and picked a kernel 20% slower
+for one row from memory)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,26 @@ def _machine_key() -> str:
                 )
     except OSError:
         pass
-    return f"{cpu} | {flags} | {kernels.library_path().parent.name}"
+    return f"{cpu} | {flags} | {kernels.library_path().parent.name} | m{MEASURE_METHOD}"
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size (sysfs), or 64 MB if unknown."""
+    best = 64 << 20
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return best
+
+
+def measure_bytes() -> int:
+    """Weight memory a measurement cycles through: 1.5 times the last-level cache, within
+    [:data:`MEASURE_BYTES`, :data:`MEASURE_CAP`], so that weights come from memory as in decoding."""
+    return min(MEASURE_CAP, max(MEASURE_BYTES, int(1.5 * last_level_cache_bytes())))
 
 
 def _store() -> Path:
@@ -122,11 +148,11 @@ def _candidates(dtype: torch.dtype) -> dict[str, str]:
     return out
 
 
-def product(name: str, weight: torch.Tensor):
+def product(name: str, weight: torch.Tensor, packed: torch.Tensor | None = None):
     """A call ``f(x)`` computing ``x @ weight.T`` with candidate kernel ``name`` (packing the weight for a
-    tile kernel)."""
+    tile kernel, unless given ``packed``)."""
     if name in TILE_KERNELS:
-        packed = kernels.pack_tiles(weight)
+        packed = kernels.pack_tiles(weight) if packed is None else packed
         n, k = weight.shape
         return lambda x: kernels.tile_linear(x, packed, n, k, None, name)
     if name == "torch":
@@ -135,16 +161,18 @@ def product(name: str, weight: torch.Tensor):
 
 
 def measure(dtype: torch.dtype, rounds: int = 5) -> dict[str, list[float]]:
-    """Milliseconds per call of each candidate at :data:`ROWS` rows, over :data:`MEASURE_BYTES` of
-    weights cycled (so that they come from memory, as in decoding, more than from cache); candidates
-    interleaved round by round, best round kept."""
+    """Milliseconds per call of each candidate at :data:`ROWS` rows, over :func:`measure_bytes` of
+    weights cycled (so that they come from memory, as in decoding, not from cache); candidates
+    interleaved round by round, best round kept. The tile kernels share one packed copy."""
     n, k = 4096, 2048
-    count = max(1, MEASURE_BYTES // (n * k * torch.empty(0, dtype=dtype).element_size()))
+    count = max(1, measure_bytes() // (n * k * torch.empty(0, dtype=dtype).element_size()))
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, k, generator=g).to(dtype) for _ in range(count)]
     best: dict[str, list[float]] = {}
     with torch.inference_mode():
-        calls = {name: [product(name, w) for w in weights] for name in _candidates(dtype)}
+        names = _candidates(dtype)
+        packs = [kernels.pack_tiles(w) for w in weights] if any(nm in TILE_KERNELS for nm in names) else []
+        calls = {name: [product(name, w, packs[i] if packs else None) for i, w in enumerate(weights)] for name in names}
         for name in calls:
             best[name] = [float("inf")] * len(ROWS)
         for i, rows in enumerate(ROWS):
@@ -178,7 +206,9 @@ def decide(dtype: str, ms: dict[str, list[float]], families: dict[str, str]) -> 
 def _forced(dtype: torch.dtype, name: str) -> Choice:
     d = _dtype_name(dtype)
     if name in TILE_KERNELS:
-        if dtype is not torch.bfloat16 or name not in kernels.tile_isas():
+        if dtype is not torch.bfloat16:  # the tiles are bf16's: other dtypes take the vector kernels
+            return _forced(dtype, "vector")
+        if name not in kernels.tile_isas():
             raise ValueError(f"CLASP_LINEAR={name}: not available here for {d} (available: {kernels.tile_isas()})")
         return Choice(d, "tiles", (name,) * 3, {}, forced=True)
     if name == "tiles":
@@ -239,7 +269,7 @@ def _verdict(dtype: torch.dtype) -> Choice:
 def int8_prefetch() -> bool:
     """Whether the int8 kernel (a quantized draft's layers) should prefetch the next block of weight rows:
     ``CLASP_INT8_PREFETCH`` (0 or 1) if set, else the verdict kept for this machine, else measured now
-    (one-row products over :data:`MEASURE_BYTES` of int8 weights in a draft's shapes, both ways
+    (one-row products over :func:`measure_bytes` of int8 weights in a draft's shapes, both ways
     interleaved, the best round of each; on only if 3% faster) and kept. Applied to the kernels."""
     forced = os.environ.get("CLASP_INT8_PREFETCH", "").strip()
     if forced in ("0", "1"):
@@ -266,7 +296,7 @@ def _measure_int8_prefetch(rounds: int = 5) -> bool:
     shapes = [(4096, 1536), (1536, 4096)]  # short rows and long ones, as in a layer's projections
     per = sum(n * k for n, k in shapes)
     weights = []
-    for _ in range(max(1, MEASURE_BYTES // per)):
+    for _ in range(max(1, measure_bytes() // per)):
         for n, k in shapes:
             weights.append((torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n) / 64))
     xs = {k: torch.randn(1, k, generator=g).bfloat16() for _, k in shapes}
