@@ -21,7 +21,11 @@ real tiles) can be caught only where that instruction set is present; the table 
 - ``attention-reversed-tail``: the attention kernel sums the last keys' scores in the reverse order of d
   (those rows no longer equal their own decoding step);
 - ``emulation-manual-order``: the AMX emulation adds the pairs in the order of the Intel manual's
-  pseudo-code instead of the measured one (caught only where real tiles run).
+  pseudo-code instead of the measured one (caught only where real tiles run);
+- ``int8-int32-total``: the VNNI int8 kernel adds its 16 lanes in int32 (the total overflows on long
+  rows of large values); ``int8-no-residual``: it drops the residual part of x in the main loop (a row
+  with an outlier loses its small values); ``int8-lane-bound``: it quantizes x to the full int16 range
+  whatever K (lanes overflow on long rows). Caught only where AVX512-BF16 runs.
 
 Usage: python scripts/kernel_mutants.py [--only k-tail-when-chunked,chunk-restart]
 """
@@ -69,6 +73,23 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
         "kernels_tile.cpp",
         "C[m][n] = flush(flush(C[m][n]) + flush(even + odd));",
         "C[m][n] = flush(flush(flush(C[m][n]) + even) + odd);",
+    ),
+    "int8-int32-total": (
+        "kernels_avx512bf16.cpp",
+        "  const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc));\n"
+        "  const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc, 1));\n"
+        "  return _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));",
+        "  return _mm512_reduce_add_epi32(acc);",
+    ),
+    "int8-no-residual": (
+        "kernels_avx512bf16.cpp",
+        "        al[j] = _mm512_dpwssd_epi32(al[j], lv, wv);\n      }",
+        "      }",
+    ),
+    "int8-lane-bound": (
+        "kernels_avx512bf16.cpp",
+        "  return bound < 32767 ? bound : 32767;",
+        "  return 32767;",
     ),
 }
 
